@@ -94,3 +94,28 @@ def test_secrets_never_reach_a_manifest(tmp_path):
     mf.write_manifest(m, out)
     text = (out / "manifest.json").read_text()
     assert "hf_abcdefghijklmnop1" not in text and "u:pass" not in text
+
+
+def test_model_card_from_chain(tmp_path):
+    from bp_common.modelcard import render_model_card, sparkline
+    assert sparkline([3, 2, 1]) == "█▅▁"
+    assert len(sparkline(range(100))) == 40 and sparkline([1, 1]) == "▁▁"
+    d = tmp_path / "d"
+    d.mkdir()
+    ds = mf.new_manifest("dataset", "bp-prep", d, digests=["x"], model="./base", rows={"kept": 12})
+    ds["command"] = ["bp-prep", "data.jsonl", "--model", "./base", "-o", str(d)]
+    mf.write_manifest(ds, d)
+    a = tmp_path / "a"
+    a.mkdir()
+    ad = mf.new_manifest("adapter", "bp-train", a, inputs=[mf.read_manifest(d).ref()], base_model="./base",
+                         method="sft", final_loss=0.25, loss_history=[[1, 4.0], [2, 1.0], [3, 0.25]],
+                         hyperparameters={"mode": "lora", "lora_r": 16, "lora_alpha": 32, "lr": 2e-4},
+                         command=["bp-train", "-o", str(a), "--token=hf_abcdefghijkl1"])
+    mf.write_manifest(ad, a)
+    card = render_model_card(mf.chain(mf.read_manifest(a)), "tuned", [("Quantisation", "| q |\n")])
+    assert card.startswith("---\nbase_model: \"./base\"\n")
+    assert "| final loss | 0.25 |" in card and "| LoRA r / alpha | 16 / 32 |" in card
+    rebuild = card.split("## Rebuild")[1]
+    assert rebuild.index("bp-prep") < rebuild.index("bp-train")
+    assert "hf_abcdefghijkl1" not in card
+    assert "## Quantisation" in card and "(not recorded)" in card

@@ -246,8 +246,10 @@ def _on_sigterm(signum, frame):
 def run_main(tool: str, get_parser: Callable[[], argparse.ArgumentParser],
              handler: Callable, argv: list[str] | None = None) -> int:
     """Run a tool's handler and return the process exit code (never raises)."""
+    from . import manifest as _manifest
     from .manifest import emit
     raw = list(sys.argv[1:] if argv is None else argv)
+    _manifest.CURRENT_COMMAND = [tool] + raw
     verbose = "-v" in raw or "--verbose" in raw
     previous = None
     try:

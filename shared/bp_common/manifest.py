@@ -24,6 +24,10 @@ SCHEMA_VERSION = 1
 KINDS = ("dataset", "vram", "adapter", "model", "gguf", "ollama", "eval", "report", "error")
 MANIFEST_NAME = "manifest.json"
 
+# The command line of the running tool (set by cli.run_main); recorded in every manifest so
+# a model card can print the commands that rebuild a result.
+CURRENT_COMMAND: list[str] | None = None
+
 
 class Manifest(dict):
     """A manifest dict that knows where it was read from, to resolve relative paths."""
@@ -82,6 +86,8 @@ def new_manifest(kind: str, tool: str, root: Path | str | None, *, digests: Iter
                  created_at=utc_now(), id=content_id(digests),
                  root=str(Path(root).resolve()) if root is not None else None,
                  inputs=list(inputs))
+    if CURRENT_COMMAND is not None:
+        m["command"] = list(CURRENT_COMMAND)
     m.update(fields)
     return m
 
