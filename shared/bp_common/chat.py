@@ -66,6 +66,23 @@ def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False,
         raise ChatError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
 
 
+def _cached(tokenizer, name: str, key, compute):
+    """Memoise a per-tokenizer answer that depends only on `key` (the template, special tokens)."""
+    slot = getattr(tokenizer, "_bp_cache", None)
+    if slot is None:
+        slot = {}
+        try:
+            tokenizer._bp_cache = slot
+        except AttributeError:
+            return compute()
+    hit = slot.get(name)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    value = compute()
+    slot[name] = (key, value)
+    return value
+
+
 def training_template(tokenizer) -> str | None:
     """A template with generation markers that renders like the model's: its own, or TRL's variant."""
     own = template_of(tokenizer)
@@ -73,12 +90,15 @@ def training_template(tokenizer) -> str | None:
         return None
     if has_generation_markers(own):
         return own
-    try:
-        from trl.chat_template_utils import get_training_chat_template
-        patched = get_training_chat_template(tokenizer)
-    except Exception:
-        return None
-    return patched if patched and has_generation_markers(patched) else None
+
+    def compute():
+        try:
+            from trl.chat_template_utils import get_training_chat_template
+            patched = get_training_chat_template(tokenizer)
+        except Exception:
+            return None
+        return patched if patched and has_generation_markers(patched) else None
+    return _cached(tokenizer, "training_template", own, compute)
 
 
 def _prefix_spans(tokenizer, messages: list[dict], chat_template: str | None = None):
@@ -151,7 +171,8 @@ def tokenize_conversation(tokenizer, messages: list[dict], mode: str | None = No
     if mode == "template":
         tmpl = training_template(tokenizer)
         text = render(tokenizer, messages, chat_template=tmpl, **kwargs)
-        own = render(tokenizer, messages, **kwargs)
+        # The model's own template carries the markers itself: nothing to compare against.
+        own = text if tmpl == template_of(tokenizer) else render(tokenizer, messages, **kwargs)
         if text == own:
             try:
                 out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
@@ -223,10 +244,13 @@ def bos_expected(tokenizer) -> bool:
     bos = tokenizer.bos_token
     if not bos:
         return False
-    try:
-        return render(tokenizer, PROBE[:2]).startswith(bos)
-    except ChatError:
-        return False
+
+    def compute():
+        try:
+            return render(tokenizer, PROBE[:2]).startswith(bos)
+        except ChatError:
+            return False
+    return _cached(tokenizer, "bos_expected", (template_of(tokenizer), bos), compute)
 
 
 def _check(tokenizer, enc: Encoded) -> Encoded:

@@ -19,6 +19,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # What a model download fetches: weights in safetensors, configs, tokenizer, templates.
 ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
 CONFIG_PATTERNS = ["config.json", "generation_config.json", "tokenizer_config.json"]
+# What rendering needs: the config (for its digest) and every tokenizer and template file, no weights.
+TOKENIZER_PATTERNS = CONFIG_PATTERNS + ["tokenizer.json", "tokenizer.model", "special_tokens_map.json",
+                                        "added_tokens.json", "vocab.json", "merges.txt", "*.tiktoken",
+                                        "chat_template.jinja", "chat_template.json", "additional_chat_templates/*"]
+TOKENIZER_FILES = [p for p in TOKENIZER_PATTERNS if "*" not in p and p not in ("config.json", "generation_config.json")]
 
 
 def is_hf_id(ref: str) -> bool:
@@ -26,13 +31,15 @@ def is_hf_id(ref: str) -> bool:
 
 
 def resolve_model(ref: str, *, allow_pickle: bool = False, config_only: bool = False,
-                  retries: int = 3, backoff_s: float = 2.0) -> Path:
+                  tokenizer_only: bool = False, retries: int = 3, backoff_s: float = 2.0) -> Path:
     """Return a local directory for a model reference.
 
     ref: a local directory, a preset name (see presets.MODEL_PRESETS), or a hub id. Hub ids
     are fetched through huggingface-hub's cache (HF_HUB_OFFLINE honoured; the token comes
-    from HF_TOKEN or the hub's token file). With config_only, only config files are fetched.
+    from HF_TOKEN or the hub's token file). With config_only, only config files are fetched;
+    with tokenizer_only, config and tokenizer files (never weights).
     """
+    config_only = config_only or tokenizer_only
     ref = str(ref)
     ref, _preset = resolve_model_name(ref)
     p = Path(ref).expanduser()
@@ -46,7 +53,8 @@ def resolve_model(ref: str, *, allow_pickle: bool = False, config_only: bool = F
         return p.resolve()
     if not HF_ID.match(ref):
         raise BpError("INPUT_NOT_FOUND", f"model {ref!r} is neither a local directory nor a hub id (owner/name)")
-    patterns = CONFIG_PATTERNS if config_only else ALLOW_PATTERNS + (["*.bin"] if allow_pickle else [])
+    patterns = (TOKENIZER_PATTERNS if tokenizer_only else CONFIG_PATTERNS if config_only
+                else ALLOW_PATTERNS + (["*.bin"] if allow_pickle else []))
     path = Path(_download(ref, patterns, retries, backoff_s))
     if not config_only:
         check_weights(path, allow_pickle)
@@ -99,6 +107,17 @@ def read_config(model_dir: Path | str) -> dict:
         raise BpError("INPUT_NOT_FOUND", f"{path} does not exist") from None
     except (OSError, ValueError) as exc:
         raise BpError("INPUT_INVALID", f"{path} is not valid JSON: {exc}") from None
+
+
+def tokenizer_digest(model_dir: Path | str) -> str:
+    """sha256 (16 hex) over the tokenizer and chat-template files a model directory holds."""
+    import hashlib
+    h = hashlib.sha256()
+    for name in sorted(TOKENIZER_FILES):
+        f = Path(model_dir) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def config_digest(model_dir: Path | str) -> str:
