@@ -344,6 +344,10 @@ def _open_hub_dataset(spec: str, split: str) -> Source:
             raise BpError("INPUT_INVALID", f"{spec}: {text}", hint="pass --split NAME") from None
         raise BpError("HUB_NOT_FOUND", f"dataset {spec} is not on the hub or not in the local cache: {text}") from None
     except ConnectionError as exc:
+        from .envvars import get as env
+        if "Offline" in str(exc) or env("HF_DATASETS_OFFLINE") or env("HF_HUB_OFFLINE"):
+            raise BpError("HUB_NOT_FOUND", f"dataset {spec} is not in the local cache, and offline mode is on "
+                          "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE)") from None
         raise BpError("HUB_UNREACHABLE", f"dataset {spec}: {str(exc).splitlines()[0]}") from None
     except Exception as exc:
         name = type(exc).__name__

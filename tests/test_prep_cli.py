@@ -1,0 +1,100 @@
+"""bp-prep on the command line: bad inputs give a documented code and no traceback; real pipes and re-runs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bp_common import cli
+from bp_common.errors import CATALOG
+from bp_prep import cli as prep_cli
+from conftest import ROOT
+
+EXAMPLES = [str(ROOT / "examples" / f) for f in ("chat-openai.jsonl", "chat-sharegpt.jsonl", "chat-alpaca.jsonl")]
+
+
+def run_in_process(args, capsys):
+    rc = cli.run_main(prep_cli.TOOL, prep_cli.get_parser, prep_cli.run, [str(a) for a in args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _utf16(p):
+    p.write_text('{"prompt": "q", "completion": "a"}\n', encoding="utf-16")
+
+
+def _latin1(p):
+    p.write_bytes('{"prompt": "caf\u00e9?", "completion": "oui"}\n'.encode("latin-1"))
+
+
+BAD_INPUTS = {
+    # name: (file name, writer, code, text the message must contain)
+    "invalid_json_line": ("d.jsonl", lambda p: p.write_text('{"prompt": "q", "completion": "a"}\n{oops\n'),
+                          "DATASET_PARSE_FAILED", "line 2"),
+    "empty_file": ("d.jsonl", lambda p: p.write_text(""), "DATASET_EMPTY", "is empty"),
+    "binary_file": ("d.jsonl", lambda p: p.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4),
+                    "DATASET_ENCODING", "binary"),
+    "utf16_file": ("d.jsonl", _utf16, "DATASET_ENCODING", "UTF-16"),
+    "latin1_file": ("d.jsonl", _latin1, "DATASET_ENCODING", "line 1"),
+    "csv_without_columns": ("d.csv", lambda p: p.write_text("question,answer\nq,a\n"), "DATASET_FORMAT_UNKNOWN",
+                            "question, answer"),
+    "kto_float_label": ("d.jsonl", lambda p: p.write_text('{"prompt": "q", "completion": "a", "label": 1.0}\n'),
+                        "DATASET_VALIDATION_FAILED", "1.0"),
+    "kto_string_label": ("d.jsonl", lambda p: p.write_text('{"prompt": "q", "completion": "a", "label": "yes"}\n'),
+                         "DATASET_VALIDATION_FAILED", "'yes'"),
+    "preference_missing_rejected": ("d.jsonl", lambda p: p.write_text('{"prompt": "q", "chosen": "a"}\n'),
+                                    "DATASET_VALIDATION_FAILED", "'rejected'"),
+    "missing_file": ("nope.jsonl", None, "INPUT_NOT_FOUND", "nope.jsonl"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_a_documented_code_and_no_traceback(case, tmp_path, capsys):
+    name, writer, code, text = BAD_INPUTS[case]
+    path = tmp_path / name
+    if writer:
+        writer(path)
+    rc, out, err = run_in_process([path, "-o", tmp_path / "out"], capsys)
+    env = json.loads(out)
+    assert env["kind"] == "error" and env["code"] == code, env
+    assert rc == env["exit_code"] == CATALOG[code].exit_code
+    assert text in env["message"]
+    assert "Traceback" not in err and err.startswith(f"error[{code}]: ") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert code in (ROOT / "docs" / "error-codes.md").read_text()
+
+
+def test_output_is_required_unless_reporting(tmp_path, capsys):
+    rc, out, _ = run_in_process([EXAMPLES[0]], capsys)
+    assert rc == 2 and json.loads(out)["code"] == "INPUT_USAGE"
+
+
+def test_pipeline_run_rerun_and_report(run_tool, tiny_llama, tmp_path):
+    out = tmp_path / "data"
+    args = EXAMPLES + ["--model", tiny_llama, "--heldout-ratio", "0.1", "--seed", "0", "-o", out]
+    first = run_tool("bp-prep", *args)
+    assert first.rc == 0, first
+    m = first.json
+    assert m == json.loads((out / "manifest.json").read_text())
+    assert m["rows"]["heldout"] >= 1 and m["mask"] == "template"
+    second = run_tool("bp-prep", *args)
+    assert second.rc == 0 and second.json["created_at"] == m["created_at"]
+    rep = run_tool("bp-prep", "report", out)
+    assert rep.rc == 0 and rep.json["kind"] == "report"
+    assert rep.json["report"]["verdict"] == m["verdict"] and rep.json["inputs"][0]["id"] == m["id"]
+    # --report prints the table on stderr even in a pipe; stdout still carries one JSON object.
+    fresh = run_tool("bp-prep", "report", EXAMPLES[2], "--report", "--strict")
+    assert fresh.rc == 65 and fresh.json["code"] == "DATASET_GATE_FAILED"
+    assert "dataset report: FAIL" in fresh.stderr and "duplicate_rate" in fresh.stderr
+
+
+def test_rows_on_stdin(run_tool, tmp_path):
+    rows = "\n".join(json.dumps({"prompt": f"What is {i}+{i}?", "completion": f"It is {2 * i}."}) for i in range(5))
+    ok = run_tool("bp-prep", "-", "-o", tmp_path / "a", input=rows + "\n")
+    assert ok.rc == 0, ok
+    assert ok.json["rows"]["kept"] == 5 and ok.json["sources"][0]["path"] == "-"
+    bad = run_tool("bp-prep", "-", "-o", tmp_path / "b", "--log-format", "json", input=rows + "\n{broken\n")
+    assert bad.rc == 65 and bad.json["details"]["errors"][0]["line"] == 6
+    assert "Traceback" not in bad.stderr
+    skipped = run_tool("bp-prep", "-", "--skip-invalid", "-o", tmp_path / "c", input=rows + "\n{broken\n")
+    assert skipped.rc == 0 and skipped.json["rows"]["dropped"] == {"invalid": 1}
