@@ -11,6 +11,8 @@ torch and transformers are imported only when a model is given (for its tokenize
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -256,10 +258,27 @@ def describe_model(ref: str, trust_remote_code: bool = False) -> ModelInfo:
     return ModelInfo(name, path, config_digest(path), tokenizer_digest(path))
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while building many objects that form no cycles.
+
+    Keeping 100k parsed rows alive makes every generation-2 collection rescan all of them; with
+    collection paused, reading and normalising run about twice as fast. Restored on exit.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def build(sources: list[Source], model: ModelInfo | None, opts: PrepOptions, r: Reporter) -> Prepared:
     """Every step between opened sources and the rows to write (see the module doc)."""
     issues = Issues(opts.max_errors)
-    rows, per_source = read_rows(sources, opts, issues, r)
+    with gc_paused():
+        rows, per_source = read_rows(sources, opts, issues, r)
     n_read = len(rows) + issues.n_errors
     raise_for_errors(issues, opts)
     dropped: Counter = Counter()
@@ -273,7 +292,8 @@ def build(sources: list[Source], model: ModelInfo | None, opts: PrepOptions, r: 
     rows = filter_rows(rows, opts, dropped)
     n_exact = 0
     if opts.dedup != "off":
-        rows, n_exact = drop_exact_duplicates(rows, dropped)
+        with gc_paused():
+            rows, n_exact = drop_exact_duplicates(rows, dropped)
     near = {"near": 0, "near_clusters": 0}
     if opts.dedup == "near" and len(rows) > 1:
         rows, near = drop_near_duplicates(rows, opts, dropped, r)
@@ -329,56 +349,76 @@ def build(sources: list[Source], model: ModelInfo | None, opts: PrepOptions, r: 
 # -- read, detect, validate -------------------------------------------------------------------
 
 def read_rows(sources: list[Source], opts: PrepOptions, issues: Issues, r: Reporter) -> tuple[list[Row], list[dict]]:
-    """Normalised rows of every source, and per-source bookkeeping (format counts, rows read)."""
+    """Normalised rows of every source, and per-source bookkeeping (format counts, rows read).
+
+    One pass: each record is detected and normalised at once. A record of no known shape can
+    never be normalised, but is checked against the file's majority format once that is known,
+    so its error says which field is missing.
+    """
     rows: list[Row] = []
     per_source = []
+    forced = opts.format if opts.format != "auto" else None
+    # The loop below runs once per record: names bound locally, no per-row indirection it can avoid.
+    detect, normalise, check, append = detect_row, normalise_row, check_row, rows.append
     for src in sources:
-        records = []
-        counts: Counter = Counter()
-        forced = opts.format if opts.format != "auto" else None
+        counts: dict[str, int] = {}
+        errors: list[tuple] = []      # (loc, kind, message): sorted by location before recording
+        unknown: list[tuple] = []     # (loc, obj) of no known shape
+        n_records = 0
+        n_before = len(rows)
+        name, loc_name = src.name, src.loc_name
         for loc, obj in src.records():
-            if isinstance(obj, RowError):
-                records.append((loc, obj, None))
+            n_records += 1
+            if type(obj) is dict:
+                if None in obj.values():
+                    # Columnar stores (parquet, datasets) give null for a column a row does not have.
+                    obj = {k: v for k, v in obj.items() if v is not None}
+            elif type(obj) is RowError:
+                errors.append((loc, obj.kind, obj.message))
                 continue
-            if type(obj) is dict and None in obj.values():
-                # Columnar stores (parquet, datasets) give null for a column a row does not have.
-                obj = {k: v for k, v in obj.items() if v is not None}
-            fmt = forced or detect_row(obj)
-            if fmt is not None:
-                counts[fmt] += 1
-            records.append((loc, obj, fmt))
-        majority = forced or majority_format(counts)
-        if majority is None:
-            raise_unknown_format(src, records)
-        n_before, e_before = len(rows), issues.n_errors
-        for loc, obj, fmt in records:
-            if isinstance(obj, RowError):
-                issues.error(src, loc, obj.kind, obj.message)
+            fmt = forced or detect(obj)
+            if fmt is None:
+                unknown.append((loc, obj))
                 continue
+            counts[fmt] = counts.get(fmt, 0) + 1
             warnings: list[str] = []
-            fmt = fmt or majority
             try:
-                kind, data = normalise_row(obj, fmt, warnings)
-                row = Row(src.name, loc, fmt, kind, data, src.loc_name)
-                check_row(row, warnings)
+                kind, data = normalise(obj, fmt, warnings)
+                row = Row(name, loc, fmt, kind, data, loc_name)
+                check(row, warnings)
             except RowError as exc:
-                issues.error(src, loc, exc.kind, exc.message)
+                errors.append((loc, exc.kind, exc.message))
                 continue
             if warnings:
-                where = {"file": src.name, src.loc_name: loc}
+                where = {"file": name, loc_name: loc}
                 for w in warnings:
                     issues.warn(w, where)
-            rows.append(row)
-        per_source.append({**src.describe(), "rows": len(records), "kept_after_read": len(rows) - n_before,
-                           "invalid": issues.n_errors - e_before, "format": majority,
+            append(row)
+        majority = forced or majority_format(counts)
+        if unknown:
+            if majority is None:
+                raise_unknown_format(src, [obj for _, obj in unknown])
+            for loc, obj in unknown:
+                try:
+                    normalise_row(obj, majority, [])
+                    errors.append((loc, "unknown_format", "the row matches no known format"))
+                except RowError as exc:
+                    errors.append((loc, exc.kind, exc.message))
+        errors.sort(key=lambda e: e[0])
+        for loc, kind, message in errors:
+            issues.error(src, loc, kind, message)
+        if majority is None and not errors:
+            raise_unknown_format(src, [])
+        per_source.append({**src.describe(), "rows": n_records, "kept_after_read": len(rows) - n_before,
+                           "invalid": len(errors), "format": majority,
                            "formats": {k: counts[k] for k in FORMATS if counts.get(k)}})
-        r.debug(f"{src.name}: {len(records)} rows, format {majority}")
+        r.debug(f"{src.name}: {n_records} rows, format {majority}")
     return rows, per_source
 
 
-def raise_unknown_format(src: Source, records: list) -> None:
+def raise_unknown_format(src: Source, objs: list) -> None:
     keys: Counter = Counter()
-    for _loc, obj, _fmt in records[:1000]:
+    for obj in objs[:1000]:
         if isinstance(obj, dict):
             keys.update(obj.keys())
     what = "columns" if src.type == "csv" else "keys"
@@ -394,37 +434,48 @@ def check_row(row: Row, warnings: list[str]) -> None:
     kind, data = row.kind, row.data
     row.think = None
     if kind == "text":
-        row.empty = not data["text"].strip()
+        text = data["text"]
+        row.empty = not text or text.isspace()
         row.empty_turn = row.no_assistant = False
         row.turns = 0
-        _think_of(row, data["text"])
+        if "think>" in text:
+            _think_of(row, text)
         return
-    convs = conversations_of(kind, data)
-    msgs = convs[0]
-    row.turns = sum(1 for m in msgs if m["role"] != "system")
-    empty_turn = False
-    any_text = False
-    has_assistant = False
+    if kind == "sft":
+        msgs = data["messages"]
+    elif kind == "preference":
+        msgs = data["prompt"] + data["chosen"] + data["rejected"]
+    else:
+        msgs = data["prompt"] + data["completion"]
+    single = kind == "sft"
+    turns = 0
+    empty_turn = any_text = has_assistant = False
     prev = None
-    for i, m in enumerate(msgs if len(convs) == 1 else [x for c in convs for x in c]):
+    for m in msgs:
         role, content = m["role"], m["content"]
-        if content.strip() or m.get("tool_calls"):
+        if content and not content.isspace():
+            any_text = True
+        elif m.get("tool_calls"):
             any_text = True
         elif role != "system":
             empty_turn = True
-        if role == "assistant":
-            has_assistant = True
-            if "think>" in content:
-                _think_of(row, content)
-        elif role == "system" and i > 0 and len(convs) == 1:
-            warnings.append("system_not_first")
-        if role == prev and role in ("user", "assistant") and len(convs) == 1:
-            warnings.append("consecutive_" + role)
+        if role == "system":
+            if turns and single:
+                warnings.append("system_not_first")
+        else:
+            turns += 1
+            if role == "assistant":
+                has_assistant = True
+                if "think>" in content:
+                    _think_of(row, content)
+            if role == prev and single and role != "tool":
+                warnings.append("consecutive_" + role)
         prev = role
+    row.turns = turns if single else sum(1 for m in conversations_of(kind, data)[0] if m["role"] != "system")
     row.empty = not any_text
     row.empty_turn = empty_turn
     row.no_assistant = not has_assistant
-    if kind == "sft" and has_assistant and msgs[-1]["role"] == "user":
+    if single and has_assistant and prev == "user":
         warnings.append("ends_with_user")
 
 
@@ -517,14 +568,15 @@ def filter_rows(rows: list[Row], opts: PrepOptions, dropped: Counter) -> list[Ro
 
 def drop_exact_duplicates(rows: list[Row], dropped: Counter) -> tuple[list[Row], int]:
     """Keep the first of rows whose roles and whitespace-normalised text are identical."""
-    seen = set()
-    kept = []
+    seen: set = set()
+    add, keep, key_of = seen.add, [], exact_key
+    n_seen = 0
     for row in rows:
-        key = exact_key(row.kind, row.data)
-        if key in seen:
-            continue
-        seen.add(key)
-        kept.append(row)
+        add(key_of(row.kind, row.data))
+        if len(seen) > n_seen:
+            n_seen += 1
+            keep.append(row)
+    kept = keep
     n = len(rows) - len(kept)
     if n:
         dropped["exact_duplicate"] = n

@@ -65,37 +65,35 @@ def _perm_params(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def signatures(texts: list[str], num_perm: int = NUM_PERM, seed: int = 0, ngram: int = NGRAM) -> np.ndarray:
-    """MinHash signatures, shape (len(texts), num_perm), uint32. Same seed, same signatures."""
-    g, starts = gram_hashes(texts, ngram)
-    return signatures_from_grams(g, starts, num_perm, seed)
+    """MinHash signatures, shape (len(texts), num_perm), uint32. Same seed, same signatures.
 
-
-def signatures_from_grams(g: np.ndarray, starts: np.ndarray, num_perm: int = NUM_PERM,
-                          seed: int = 0) -> np.ndarray:
-    n = len(starts)
+    Texts are hashed in blocks of about _CHUNK_GRAMS characters, so memory holds one block's
+    grams at a time (plus the signatures), whatever the number of texts.
+    """
+    n = len(texts)
     sig = np.empty((n, num_perm), dtype=np.uint32)
-    if n == 0:
-        return sig
     xors, mults = _perm_params(num_perm, seed)
-    ends = np.append(starts[1:], len(g))
-    # Blocks of whole texts, about _CHUNK_GRAMS grams each.
-    block_edges = [0]
-    target = _CHUNK_GRAMS
-    while block_edges[-1] < n:
-        nxt = int(np.searchsorted(ends, starts[block_edges[-1]] + target, side="left")) + 1
-        block_edges.append(min(max(nxt, block_edges[-1] + 1), n))
-    shift = np.uint64(32)
-    for b0, b1 in zip(block_edges[:-1], block_edges[1:]):
-        lo, hi = int(starts[b0]), int(ends[b1 - 1])
-        block = g[lo:hi]
-        seg = (starts[b0:b1] - lo).astype(np.intp)
-        tmp = np.empty_like(block)
-        for k in range(num_perm):
-            # h_k(x) = (x ^ c_k) * a_k mod 2^64; its minimum's top 32 bits are the signature entry.
-            np.bitwise_xor(block, xors[k], out=tmp)
-            np.multiply(tmp, mults[k], out=tmp)
-            sig[b0:b1, k] = np.minimum.reduceat(tmp, seg) >> shift
+    start = 0
+    while start < n:
+        end, size = start, 0
+        while end < n and (size < _CHUNK_GRAMS or end == start):
+            size += len(texts[end]) + 1
+            end += 1
+        g, starts = gram_hashes(texts[start:end], ngram)
+        _minhash_block(g, starts, xors, mults, sig[start:end])
+        start = end
     return sig
+
+
+def _minhash_block(g: np.ndarray, starts: np.ndarray, xors: np.ndarray, mults: np.ndarray, out: np.ndarray) -> None:
+    seg = starts.astype(np.intp)
+    tmp = np.empty_like(g)
+    shift = np.uint64(32)
+    for k in range(len(xors)):
+        # h_k(x) = (x ^ c_k) * a_k mod 2^64; the top 32 bits of each text's minimum are its entry k.
+        np.bitwise_xor(g, xors[k], out=tmp)
+        np.multiply(tmp, mults[k], out=tmp)
+        out[:, k] = np.minimum.reduceat(tmp, seg) >> shift
 
 
 def candidate_pairs(sig: np.ndarray, bands: int = BANDS) -> np.ndarray:
@@ -184,8 +182,8 @@ def cross_candidate_pairs(sig: np.ndarray, n: int, bands: int = BANDS) -> np.nda
     return np.stack([code // total, code % total], axis=1)
 
 
-def check_pairs(g: np.ndarray, starts: np.ndarray, sig: np.ndarray, pairs: np.ndarray,
-                threshold: float) -> np.ndarray:
+def check_pairs(texts: list[str], sig: np.ndarray, pairs: np.ndarray, threshold: float,
+                ngram: int = NGRAM) -> np.ndarray:
     """The candidate pairs whose n-gram Jaccard similarity is at least `threshold`.
 
     Far from the threshold the signature estimate decides (its error is about 0.03 at 128
@@ -197,19 +195,17 @@ def check_pairs(g: np.ndarray, starts: np.ndarray, sig: np.ndarray, pairs: np.nd
     margin = 0.1
     accept = est >= threshold + margin
     unsure = np.flatnonzero((est >= threshold - margin) & ~accept)
-    if len(unsure):
-        ends = np.append(starts[1:], len(g))
-        cache: dict[int, set] = {}
+    cache: dict[int, set] = {}
 
-        def grams(i: int) -> set:
-            s = cache.get(i)
-            if s is None:
-                s = cache[i] = set(g[starts[i]:ends[i]].tolist())
-            return s
-        for k in unsure.tolist():
-            a, b = grams(int(pairs[k, 0])), grams(int(pairs[k, 1]))
-            inter = len(a & b)
-            accept[k] = inter >= threshold * (len(a) + len(b) - inter)
+    def grams(i: int) -> set:
+        got = cache.get(i)
+        if got is None:
+            got = cache[i] = set(gram_hashes([texts[i]], ngram)[0].tolist())
+        return got
+    for k in unsure.tolist():
+        a, b = grams(int(pairs[k, 0])), grams(int(pairs[k, 1]))
+        inter = len(a & b)
+        accept[k] = inter >= threshold * (len(a) + len(b) - inter)
     return pairs[accept]
 
 
@@ -239,10 +235,9 @@ def near_duplicates(texts: list[str], threshold: float = 0.9, seed: int = 0,
     texts: already normalised (see normalise_for_similarity). The first row of each cluster is
     the one to keep. Deterministic for a seed.
     """
-    g, starts = gram_hashes(texts, ngram)
-    sig = signatures_from_grams(g, starts, num_perm, seed)
+    sig = signatures(texts, num_perm, seed, ngram)
     cand = candidate_pairs(sig)
-    pairs = check_pairs(g, starts, sig, cand, threshold)
+    pairs = check_pairs(texts, sig, cand, threshold, ngram)
     return NearResult(union_find_labels(len(texts), pairs), len(cand), len(pairs))
 
 
@@ -253,8 +248,8 @@ def cross_matches(texts: list[str], others: list[str], threshold: float = 0.9, s
     hit = np.zeros(n, dtype=bool)
     if not n or not others:
         return hit
-    g, starts = gram_hashes(texts + others, ngram)
-    sig = signatures_from_grams(g, starts, num_perm, seed)
-    pairs = check_pairs(g, starts, sig, cross_candidate_pairs(sig, n), threshold)
+    both = texts + others
+    sig = signatures(both, num_perm, seed, ngram)
+    pairs = check_pairs(both, sig, cross_candidate_pairs(sig, n), threshold, ngram)
     hit[pairs[:, 0]] = True
     return hit

@@ -43,6 +43,7 @@ ROLES = {
     "assistant": "assistant", "gpt": "assistant", "model": "assistant",
     "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",
 }
+CANONICAL_ROLES = frozenset(("system", "user", "assistant", "tool"))
 # Message keys kept besides role and content (tool calls and reasoning survive normalisation).
 MESSAGE_KEYS = ("name", "tool_calls", "tool_call_id", "reasoning_content")
 # CSV cells that may hold JSON (message lists) and are decoded when they look like it.
@@ -158,9 +159,10 @@ def _looks_utf16(data: bytes) -> bool:
 
 
 def _read_jsonl(src: Source) -> Iterator[tuple[int, object]]:
-    text = decode_text(src.data, src.name)
+    decode_text(src.data, src.name)  # one UTF-8 check for the whole file, with a line number on failure
+    data = src.data[3:] if src.data.startswith(codecs.BOM_UTF8) else src.data
     loads = orjson.loads
-    for n, line in enumerate(text.split("\n"), 1):
+    for n, line in enumerate(data.split(b"\n"), 1):
         if not line or line.isspace():
             continue
         try:
@@ -406,11 +408,11 @@ def normalise_row(obj, fmt: str, warnings: list[str]) -> tuple[str, dict]:
 
     Raises RowError when the record does not fit the format.
     """
-    if fmt in ("openai", "sharegpt", "alpaca", "chatml", "prompt_completion", "text"):
+    if type(obj) is not dict:
         if not isinstance(obj, (dict, str)):
             raise RowError("invalid_type", f"a row must be a JSON object or string, got {_tname(obj)}")
-    elif not isinstance(obj, dict):
-        raise RowError("invalid_type", f"a {fmt} row must be a JSON object, got {_tname(obj)}")
+        if fmt in ("preference", "kto"):
+            raise RowError("invalid_type", f"a {fmt} row must be a JSON object, got {_tname(obj)}")
     return _NORMALISERS[fmt](obj, warnings)
 
 
@@ -615,6 +617,13 @@ def messages_of(items, field_name: str, warnings: list[str]) -> list[dict]:
         raise RowError("invalid_type", f"{field_name!r} must be an array of turns, got {_tname(items)}")
     if not items:
         raise RowError("empty_messages", f"{field_name!r} is empty")
+    # Fast path: turns already in the normalised shape are kept as they are (no copies).
+    for item in items:
+        if not (type(item) is dict and len(item) == 2 and type(item.get("content")) is str
+                and item.get("role") in CANONICAL_ROLES):
+            break
+    else:
+        return items
     out = []
     for i, item in enumerate(items):
         if type(item) is dict and len(item) == 2:
@@ -746,17 +755,19 @@ def row_text(kind: str, data: dict) -> str:
 
 
 def exact_key(kind: str, data: dict) -> bytes:
-    """A stable 16-byte digest of a row's roles and whitespace-normalised text (never Python's hash())."""
+    """A stable 16-byte digest of a normalised row, whitespace runs collapsed (never Python's hash()).
+
+    Rows that differ only in whitespace (runs of spaces, tabs, newlines; leading or trailing
+    space in a turn) are duplicates; roles, words, case, tool calls and labels still count.
+    """
     if kind == "text":
         key = " ".join(data["text"].split())
+    elif kind == "sft" and len(data) == 1 and all(len(m) == 2 for m in data["messages"]):
+        # Plain turns (the common case): roles and text joined by separators that are not whitespace.
+        key = " ".join("\x00".join([m["role"] + "\x01" + m["content"].strip() for m in data["messages"]]).split())
     else:
-        if kind == "preference":
-            groups = (data["prompt"], data["chosen"], data["rejected"])
-        elif kind == "kto":
-            groups = (data["prompt"], data["completion"], [{"role": "label", "content": str(data["label"])}])
-        else:
-            groups = (data["messages"],)
-        key = "\x1d".join("\x1e".join(m["role"] + "\x1f" + " ".join(m["content"].split()) +
-                                      ("\x1f" + orjson.dumps(m["tool_calls"]).decode() if "tool_calls" in m else "")
-                                      for m in g) for g in groups)
-    return hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+        # Anything else (tool calls, tools, preference, KTO): canonical JSON, whitespace collapsed inside strings.
+        raw = orjson.dumps(data).decode()
+        raw = raw.replace("\\n", " ").replace("\\t", " ").replace("\\r", " ")
+        key = " ".join(raw.split()).replace('":" ', '":"').replace(' ",', '",').replace(' "}', '"}').replace(' "]', '"]')
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16, person=kind.encode()).digest()
