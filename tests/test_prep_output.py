@@ -132,3 +132,25 @@ def test_missing_input_and_bad_settings(tmp_path):
         prepare([str(tmp_path / "d.xlsx")], tmp_path / "out", options=PrepOptions(min_tokens=9, max_tokens=3))
     assert e.value.code == "CONFIG_INVALID_SETTING"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_directory_is_an_input_for_another_model(prepared, tmp_path, tiny_model_factory):
+    out, m = prepared
+    other = tiny_model_factory("qwen2")
+    again = prepare([str(out)], tmp_path / "again", str(other))
+    assert again["rows"]["read"] == m["rows"]["kept"] and again["rows"]["dropped"] == {}
+    assert [s["path"] for s in again["sources"]] == [str(out / "train.jsonl"), str(out / "heldout.jsonl")]
+    assert again["model"] == str(other.resolve()) and again["mask"] == "template"
+
+
+def test_an_empty_optional_prompt_means_no_prompt(tmp_path):
+    data = tmp_path / "k.jsonl"
+    data.write_text('{"prompt": "", "completion": "The cat says meow.", "label": true}\n'
+                    '{"prompt": " ", "chosen": "Yes.", "rejected": "No."}\n'.replace('"chosen"', '"x": 1, "chosen"'))
+    from bp_common.dataprep import analyse
+    with pytest.raises(BpError) as e:  # a KTO row and a preference row share no view
+        analyse([str(data)])
+    assert e.value.code == "DATASET_FORMAT_UNSUPPORTED"
+    data.write_text('{"prompt": "", "completion": "The cat says meow.", "label": true}\n')
+    prep = analyse([str(data)])
+    assert prep.train[0].data["prompt"] == [] and prep.dropped == {}

@@ -25,7 +25,7 @@ from .errors import BpError
 from .formats import (FORMATS, KIND_VIEWS, KINDS, RowError, Source, conversations_of, detect_row, exact_key,
                       majority_format, normalise_row, open_source, row_text)
 from .io import OutputLock, atomic_dir, check_free_space, sha256_bytes
-from .manifest import Manifest, fingerprint, new_manifest, reuse, write_manifest
+from .manifest import MANIFEST_NAME, Manifest, fingerprint, new_manifest, reuse, write_manifest
 from .progress import Reporter
 
 TOOL = "bp-prep"
@@ -221,9 +221,17 @@ def analyse(sources: list[str | os.PathLike], model: str | None = None, *, optio
 
 
 def _unique_sources(sources) -> list[str]:
+    """Inputs in order, each once; a bp-prep output directory stands for its train and held-out files."""
     seen, out = set(), []
+    expanded = []
     for s in sources:
         s = str(s)
+        if s != "-" and Path(s).is_dir() and (Path(s) / MANIFEST_NAME).is_file():
+            m = read_dataset_manifest(s)
+            expanded += [str(m.path(m["files"][k])) for k in ("train", "heldout") if m["files"].get(k)]
+        else:
+            expanded.append(s)
+    for s in expanded:
         if s == "-" and "-" in seen:
             raise BpError("INPUT_INVALID", "stdin (-) can be given only once")
         if s not in seen:
@@ -867,10 +875,13 @@ def build_report(rows: list[Row], n_read: int, found: Counter, dropped: Counter,
 
 
 def log_report(report: dict, r: Reporter) -> None:
-    """One warning line per check that warned or failed."""
+    """One warning line per check that warned or failed, per template problem, and one for row warnings."""
     for c in report["checks"]:
         if c["status"] != "pass":
             r.warn(("gate failed: " if c["status"] == "fail" else "") + datareport.describe_check(c))
+    if report["warnings"]:
+        r.warn("rows kept with warnings: " + ", ".join(f"{k} {v['count']}" for k, v in report["warnings"].items())
+               + " (examples in report.json)")
     t = report.get("template") or {}
     for p, n in (t.get("problems") or {}).items():
         r.warn(f"{n} rows: {p} ({PROBLEM_TEXT.get(p.split(':')[0], p)})")

@@ -602,6 +602,8 @@ def _turns(obj: dict, key: str, default_role: str, warnings, required: bool) -> 
             raise RowError("missing_field", f"missing field {key!r}")
         return []
     if isinstance(v, str):
+        if not required and not v.strip():
+            return []  # an optional prompt given as "" means no prompt
         return [{"role": default_role, "content": v}]
     if isinstance(v, dict):
         v = [v]
