@@ -294,7 +294,7 @@ def build(sources: list[Source], model: ModelInfo | None, opts: PrepOptions, r: 
         dropped["invalid"] = issues.n_errors
         r.warn(f"dropped {issues.n_errors} invalid rows (--skip-invalid): "
                + ", ".join(f"{k} {n}" for k, n in issues.error_kinds.most_common()))
-    views, row_kinds = check_views(rows)
+    check_views(rows)
     found = Counter(empty=sum(1 for x in rows if x.empty), empty_turn=sum(1 for x in rows if x.empty_turn and not x.empty),
                     no_assistant=sum(1 for x in rows if x.no_assistant and not x.empty))
     rows = filter_rows(rows, opts, dropped)
@@ -334,15 +334,18 @@ def build(sources: list[Source], model: ModelInfo | None, opts: PrepOptions, r: 
         raise BpError("DATASET_EMPTY", f"no rows left: {n_read} read, dropped "
                       + (", ".join(f"{k} {n}" for k, n in sorted(dropped.items())) or "none"),
                       details={"read": n_read, "dropped": dict(dropped)})
-    contamination = check_contamination(rows, opts, r) if opts.against else None
+    contamination = datareport.check_contamination(rows, opts.against, opts.near_threshold, opts.seed,
+                                                   opts.split) if opts.against else None
+    views, row_kinds = check_views(rows)
     train, heldout = split_rows(rows, opts.heldout_ratio, opts.seed)
     lengths = datareport.length_stats([x.n_tokens for x in rows], source)
     formats = Counter()
     for s in per_source:
         formats.update(s["formats"])
-    report = build_report(rows, n_read, found, dropped, duplicates, issues, lengths, template, contamination,
-                          sampled, per_source, opts, len(train), len(heldout))
-    log_report(report, r)
+    report = datareport.build_report(rows, n_read, found, dropped, duplicates, issues, lengths, template,
+                                     contamination, sampled, per_source, opts.gates(), opts.strict,
+                                     len(train), len(heldout))
+    datareport.log_report(report, r)
     if report["verdict"] == "FAIL":
         failed = [c for c in report["checks"] if c["status"] == "fail"]
         raise BpError("DATASET_GATE_FAILED", "the dataset report failed: "
@@ -417,6 +420,7 @@ def read_rows(sources: list[Source], opts: PrepOptions, issues: Issues, r: Repor
             issues.error(src, loc, kind, message)
         if majority is None and not errors:
             raise_unknown_format(src, [])
+        src.data = src.dataset = None  # parsed: the raw bytes are no longer needed
         per_source.append({**src.describe(), "rows": n_records, "kept_after_read": len(rows) - n_before,
                            "invalid": len(errors), "format": majority,
                            "formats": {k: counts[k] for k in FORMATS if counts.get(k)}})
@@ -616,9 +620,10 @@ def _approx_len(text: str) -> int:
 
 
 def count_think_tokens(rows: list[Row], count) -> None:
+    """Replace each row's collected <think> text by its length in tokens (`count(text) -> int`)."""
     for row in rows:
         if row.think is not None:
-            row.think = count(row.think) if isinstance(row.think, str) else row.think
+            row.think = count(row.think)
 
 
 def filter_lengths(rows: list[Row], opts: PrepOptions, dropped: Counter) -> list[Row]:
@@ -759,142 +764,6 @@ def render_rows(rows: list[Row], tok, template: dict, opts: PrepOptions, issues:
     template["problems"] = dict(problems.most_common())
     template["problem_examples"] = examples
     return kept
-
-
-# -- contamination -------------------------------------------------------------------------------
-
-def read_reference_texts(path: str, split: str = "train") -> tuple[list[str], list[str]]:
-    """Texts (and prompts) of a file to check contamination against: any format bp-prep reads;
-    rows of no known shape contribute their string values."""
-    src = open_source(path, split)
-    texts, prompts = [], []
-    for _loc, obj in src.records():
-        if isinstance(obj, RowError):
-            raise BpError("DATASET_PARSE_FAILED", f"--against {path}: {obj.message}")
-        fmt = detect_row(obj)
-        try:
-            if fmt is None:
-                raise RowError("unknown", "")
-            kind, data = normalise_row(obj, fmt, [])
-            text = row_text(kind, data)
-            prompt = _first_user(kind, data)
-        except RowError:
-            values = [v for v in (obj.values() if isinstance(obj, dict) else [obj]) if isinstance(v, str)]
-            text = "\n".join(values)
-            prompt = obj.get("prompt") or obj.get("question") or obj.get("instruction") if isinstance(obj, dict) else None
-            prompt = prompt if isinstance(prompt, str) else None
-        texts.append(text)
-        prompts.append(prompt)
-    return texts, prompts
-
-
-def _first_user(kind: str, data: dict) -> str | None:
-    if kind == "text":
-        return None
-    msgs = data["prompt"] if kind in ("preference", "kto") else data["messages"]
-    return next((m["content"] for m in msgs if m["role"] == "user"), None)
-
-
-def check_contamination(rows: list[Row], opts: PrepOptions, r: Reporter) -> dict:
-    """Rows that repeat (exactly or nearly) a row of an --against file, or ask one of its prompts verbatim."""
-    from .dedup import cross_matches, normalise_for_similarity
-    texts, prompts = [], []
-    for path in opts.against:
-        t, p = read_reference_texts(path, opts.split)
-        texts += t
-        prompts += p
-    norm = normalise_for_similarity
-    ref_exact = {norm(t) for t in texts}
-    ref_prompts = {norm(p) for p in prompts if p}
-    mine = [norm(row_text(x.kind, x.data)) for x in rows]
-    exact = [t in ref_exact for t in mine]
-    near = cross_matches(mine, [norm(t) for t in texts], opts.near_threshold, opts.seed)
-    prompt_hit = []
-    for x in rows:
-        p = _first_user(x.kind, x.data)
-        prompt_hit.append(p is not None and norm(p) in ref_prompts)
-    hits = [i for i in range(len(rows)) if exact[i] or near[i] or prompt_hit[i]]
-    return {"against": [str(p) for p in opts.against], "reference_rows": len(texts),
-            "exact": sum(exact), "near": int(sum(1 for i in range(len(rows)) if near[i] and not exact[i])),
-            "prompt_exact": sum(prompt_hit), "rows": len(hits), "rate": len(hits) / len(rows) if rows else 0.0,
-            "examples": [rows[i].where() for i in hits[:EXAMPLES]]}
-
-
-# -- report --------------------------------------------------------------------------------------
-
-def build_report(rows: list[Row], n_read: int, found: Counter, dropped: Counter, duplicates: dict, issues: Issues,
-                 lengths: dict, template: dict | None, contamination: dict | None, sampled: dict | None,
-                 per_source: list[dict], opts: PrepOptions, n_train: int, n_heldout: int) -> dict:
-    """The report.json dict: checks and verdict, rows, duplicates, lengths, template findings."""
-    R = datareport
-    denom = max(n_read, 1)
-    token_lengths = [x.n_tokens for x in rows]
-    out_idx = R.outliers(token_lengths)
-    gates, strict = opts.gates(), opts.strict
-    checks = [
-        R.make_check("duplicate_rate", (duplicates["exact"] + duplicates["near"]) / denom, gates, strict),
-        R.make_check("empty_rate", (found["empty"] + found["empty_turn"]) / denom, gates, strict),
-        R.make_check("no_assistant_rate", found["no_assistant"] / denom, gates, strict),
-        R.make_check("outlier_rate", len(out_idx) / max(len(rows), 1), gates, strict),
-        R.make_check("invalid_rate", issues.n_errors / denom, gates, strict),
-    ]
-    if contamination is not None:
-        checks.append(R.make_check("contamination_rate", contamination["rate"], gates, strict))
-    if template is not None:
-        bad = template.get("problems", {})
-        # Rows with a problem that silently ruins training (history rewriting is reported, not gated).
-        serious = {k: n for k, n in bad.items() if not k.startswith("history_rewritten")}
-        checks.append(R.make_check("template_problem_rate", max(serious.values(), default=0) / max(len(rows), 1),
-                                   gates, strict))
-        checks.append(R.make_check("mask", template["mask"], gates, strict, warn_when=template["mask"] == "unavailable"))
-        checks.append(R.make_check("pad_is_eos", template["pad_is_eos"], gates, strict,
-                                   warn_when=template["pad_is_eos"]))
-    think = [x.think for x in rows if x.think is not None]
-    report = {
-        "schema_version": 1,
-        "verdict": R.verdict(checks),
-        "checks": checks,
-        "rows": {"read": n_read, "kept": len(rows), "train": n_train, "heldout": n_heldout,
-                 "dropped": dict(sorted(dropped.items())), "invalid": dict(issues.error_kinds.most_common())},
-        "found": {"empty": found["empty"], "empty_turn": found["empty_turn"], "no_assistant": found["no_assistant"]},
-        "duplicates": duplicates,
-        "lengths": lengths,
-        "histogram": R.histogram(token_lengths),
-        "outliers": {"rows": len(out_idx), "rule": f"beyond mean +/- 3 sd, or over {R.OUTLIER_TOKENS} tokens",
-                     "examples": [rows[i].where() | {"n_tokens": rows[i].n_tokens}
-                                  for i in out_idx[:EXAMPLES]]},
-        "think": {"rows": len(think), "p50": R.percentile(sorted(think), 50), "max": max(think) if think else None},
-        "sources": [{k: s[k] for k in ("path", "format", "formats", "rows", "invalid")} for s in per_source],
-        "template": template,
-        "contamination": contamination,
-        "sampled": sampled,
-        "warnings": issues.summary(),
-        "errors": issues.errors,
-    }
-    return report
-
-
-def log_report(report: dict, r: Reporter) -> None:
-    """One warning line per check that warned or failed, per template problem, and one for row warnings."""
-    for c in report["checks"]:
-        if c["status"] != "pass":
-            r.warn(("gate failed: " if c["status"] == "fail" else "") + datareport.describe_check(c))
-    if report["warnings"]:
-        r.warn("rows kept with warnings: " + ", ".join(f"{k} {v['count']}" for k, v in report["warnings"].items())
-               + " (examples in report.json)")
-    t = report.get("template") or {}
-    for p, n in (t.get("problems") or {}).items():
-        r.warn(f"{n} rows: {p} ({PROBLEM_TEXT.get(p.split(':')[0], p)})")
-
-
-PROBLEM_TEXT = {
-    "eos_not_labelled": "the end-of-turn token is not in the trained tokens, so the model may never stop",
-    "bos_count": "the rendered row does not hold exactly the expected BOS token",
-    "no_assistant_tokens": "no assistant tokens found: nothing would be trained",
-    "history_rewritten": "the template rewrites earlier turns: only the last answer can be trained",
-    "content_not_rendered": "the template dropped the final answer's text",
-    "tool_calls_not_rendered": "the template does not render tool calls: they would be lost",
-}
 
 
 # -- output --------------------------------------------------------------------------------------

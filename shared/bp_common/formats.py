@@ -473,7 +473,7 @@ def _alpaca(obj, warnings):
     history = obj.get("history")
     if history:
         if not isinstance(history, list):
-            raise RowError("invalid_type", f"'history' must be an array of [question, answer] pairs")
+            raise RowError("invalid_type", "'history' must be an array of [question, answer] pairs")
         for pair in history:
             if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                 raise RowError("invalid_type", "'history' must be an array of [question, answer] string pairs")

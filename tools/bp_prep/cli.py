@@ -94,7 +94,8 @@ def get_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("cleaning")
     g.add_argument("--dedup", choices=("near", "exact", "off"), default="near",
-                   help="drop exact duplicates, and near-duplicates too (MinHash over character 3-grams)")
+                   help="near: drop exact and near-duplicates (MinHash over character 3-grams); exact: exact "
+                        "duplicates only; off: keep every row")
     g.add_argument("--near-threshold", type=_fraction, default=0.9, metavar="J",
                    help="Jaccard similarity at which two rows are near-duplicates")
     g.add_argument("--min-tokens", type=_count, default=0, metavar="N", help="drop shorter rows (0: no bound)")
