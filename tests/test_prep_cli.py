@@ -98,3 +98,41 @@ def test_rows_on_stdin(run_tool, tmp_path):
     assert "Traceback" not in bad.stderr
     skipped = run_tool("bp-prep", "-", "--skip-invalid", "-o", tmp_path / "c", input=rows + "\n{broken\n")
     assert skipped.rc == 0 and skipped.json["rows"]["dropped"] == {"invalid": 1}
+
+
+def test_report_table_and_summary_line(tmp_path):
+    from bp_common.dataprep import analyse
+    from bp_prep.table import render_table, summary_line
+    rows = [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(8)] + [{"prompt": "q0", "completion": "answer 0"}] * 2
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = analyse([str(tmp_path / "d.jsonl")]).report
+    table = render_table(report)
+    assert table.splitlines()[0] == "dataset report: WARN"
+    dup = next(line for line in table.splitlines() if line.strip().startswith("duplicate_rate"))
+    assert dup.split() == ["duplicate_rate", "20.0%", "10%", "-", "warn"]
+    assert "dropped exact_duplicate" in table and "<= 64" in table and "\033[" not in table
+    assert "\033[33mWARN" in render_table(report, color=True)
+    line = summary_line({"root": "/x/data", "mask": None}, report)
+    assert line == "bp-prep: 8 rows kept (train 8, heldout 0), 2 dropped, verdict WARN, tokens p95 11 -> /x/data"  # (10 bytes + 3) // 4 + 4 per turn
+
+
+def test_report_subcommand_writes_only_with_output(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "What does the cat say?", "completion": "The cat says meow."}\n')
+    rc, out, _ = run_in_process(["report", data], capsys)
+    m = json.loads(out)
+    assert rc == 0 and m["kind"] == "report" and m["root"] is None and m["report"]["rows"]["kept"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+    rc, out, _ = run_in_process(["report", data, "-o", tmp_path / "rep"], capsys)
+    assert rc == 0 and sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["manifest.json", "report.json"]
+    assert json.loads((tmp_path / "rep" / "report.json").read_text()) == json.loads(out)["report"]
+
+
+def test_json_logs_carry_the_report_as_one_event(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "What does the cat say?", "completion": "The cat says meow."}\n')
+    rc, out, err = run_in_process([data, "-o", tmp_path / "out", "--report", "--log-format", "json"], capsys)
+    assert rc == 0 and json.loads(out)["kind"] == "dataset"
+    events = [json.loads(line) for line in err.splitlines()]
+    (rep,) = [e for e in events if e["event"] == "report"]
+    assert rep["verdict"] == "PASS" and rep["rows"]["kept"] == 1
