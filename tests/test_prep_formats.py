@@ -305,3 +305,11 @@ def test_mixing_shapes_that_cannot_train_together_is_refused(tmp_path):
     with pytest.raises(BpError) as e:
         run_analyse(spec)
     assert e.value.code == "DATASET_FORMAT_UNSUPPORTED" and "raw-text" in e.value.message
+
+
+def test_errors_are_counted_even_when_none_are_listed(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "x"}\n{"instruction": "y"}\n')
+    with pytest.raises(BpError) as e:
+        analyse([str(tmp_path / "bad.jsonl")], options=PrepOptions(max_errors=0))
+    assert e.value.details["n_errors"] == 2 and e.value.details["errors"] == []
+    assert e.value.message == "invalid rows: missing_field 2"

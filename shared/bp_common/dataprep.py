@@ -516,17 +516,21 @@ def raise_for_errors(issues: Issues, opts: PrepOptions, stage: str = "read") -> 
     if not issues.n_errors or opts.skip_invalid:
         return
     kinds = issues.error_kinds
-    first = issues.errors[0]
-    loc = first.get("line", first.get("row"))
-    where = f"{first['file']}" + (f" {'line' if 'line' in first else 'row'} {loc}" if loc is not None else "")
+    if issues.errors:
+        first = issues.errors[0]
+        loc = first.get("line", first.get("row"))
+        where = f"{first['file']}" + (f" {'line' if 'line' in first else 'row'} {loc}" if loc is not None else "")
+        what = f"{where}: {first['message']}"
+    else:  # --max-errors 0: counted, not listed
+        what = "invalid rows: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common())
     if stage == "render":
         code = "DATASET_TEMPLATE_FAILED"
     elif kinds.get("invalid_json") or kinds.get("invalid_csv"):
         code = "DATASET_PARSE_FAILED"
     else:
         code = "DATASET_VALIDATION_FAILED"
-    more = f" (and {issues.n_errors - 1} more)" if issues.n_errors > 1 else ""
-    raise BpError(code, f"{where}: {first['message']}{more}",
+    more = f" (and {issues.n_errors - 1} more)" if issues.n_errors > 1 and issues.errors else ""
+    raise BpError(code, what + more,
                   hint="fix the rows listed in details, or pass --skip-invalid to drop them",
                   details={"errors": issues.errors, "n_errors": issues.n_errors,
                            "by_kind": dict(kinds.most_common()), "listed": len(issues.errors)})

@@ -118,9 +118,10 @@ def open_source(spec: str, split: str = "train", stdin=None) -> Source:
         _check_not_empty(src)
         return src
     from .models import HF_ID
-    if HF_ID.match(spec) or ("/" not in spec and "." not in spec and spec.replace("-", "").replace("_", "").isalnum()):
+    if HF_ID.match(spec):
         return _open_hub_dataset(spec, split)
-    raise BpError("INPUT_NOT_FOUND", f"{spec} does not exist (and is not a hub dataset id)")
+    raise BpError("INPUT_NOT_FOUND", f"{spec} does not exist",
+                  hint="check the path; hub datasets are named owner/name")
 
 
 def _check_not_empty(src: Source) -> None:
