@@ -20,7 +20,8 @@ from conftest import ROOT
 
 def test_import_does_not_pull_torch():
     code = ("import sys, bp_common, bp_common.cli, bp_common.manifest, bp_common.errors, bp_common.io, "
-            "bp_common.progress, bp_common.device, bp_common.models, bp_common.presets, bp_common.envvars; "
+            "bp_common.progress, bp_common.device, bp_common.models, bp_common.presets, bp_common.envvars, "
+            "bp_common.formats, bp_common.datareport, bp_common.dataprep; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
