@@ -7,23 +7,13 @@ published model independently: transformers loads it from disk and PEFT recomput
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import numpy as np
 import pytest
 
-from bp_common.cli import run_main
-from bp_merge.cli import get_parser, run
 from helpers.peft_adapters import adapter_manifest, make_adapter, make_gpt2, make_qlora_adapter
-
-
-def merge(*argv) -> tuple[int, dict]:
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = run_main("bp-merge", get_parser, run, [str(a) for a in argv] + ["--quiet"])
-    return rc, json.loads(buf.getvalue())
+from helpers.peft_adapters import run_merge as merge
 
 
 def independent_logits(base, adapter_dir, merged_dir):
@@ -85,6 +75,7 @@ def test_merge_reproduces_the_adapter(kind, dtype, parity_adapters, tiny_llama, 
     # the tool's own check measured the same thing
     assert m["verify"]["max_abs_diff"] == pytest.approx(diff, rel=1e-3, abs=1e-6)
     assert m["verify"]["top1"] == 1.0
+    assert (m["verify"]["dtype_floor"] > 0) is (dtype != "f32")
 
 
 def test_qlora_adapter_weights_are_bf16_and_merge_into_the_full_precision_base(parity_adapters, tiny_llama,

@@ -194,3 +194,29 @@ def test_end_of_turn_token_and_eos_ids(tiny_llama, tmp_path):
     assert eos_token_ids(d) == [ids["<|endoftext|>"], ids["<|im_end|>"], ids["<pad>"]]
     (d / "chat_template.jinja").unlink()
     assert end_of_turn_token(d) is None
+
+
+def test_compare_logits_tolerances_and_dtype_floor():
+    from bp_merge.verify import compare_logits
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((8, 50)).astype(np.float32) * 5
+    ref[np.arange(8), np.arange(8)] = 30.0  # a clear top-1 at every position
+    assert compare_logits(ref, ref + 5e-5, "f32")["passed"]
+    assert not compare_logits(ref, ref + 0.01, "f32")["passed"]
+    off = ref + rng.choice([-1, 1], ref.shape) * 0.06 * 30  # 6 % of the largest logit
+    assert not compare_logits(ref, off, "bf16")["passed"]
+    # ...unless rounding the base alone to bf16 already moves the logits that much
+    v = compare_logits(ref, off, "bf16", floor=0.04 * 30)
+    assert v["passed"] and v["tolerance"] == pytest.approx(0.08 * 30)
+    flipped = ref.copy()
+    flipped[3, 40] = 31.0  # a decisive top-1 change at one position
+    v = compare_logits(ref, flipped, "bf16")
+    assert not v["passed"] and v["top1"] == pytest.approx(7 / 8) and v["top1_decisive_mismatches"] == 1
+    near = ref.copy()
+    near[5] = 0.0
+    near[5, 5], near[5, 6] = 10.0, 10.01
+    got = near.copy()
+    got[5, 5], got[5, 6] = 10.01, 10.0  # a near-tie flips under rounding: not decisive
+    v = compare_logits(near, got, "bf16")
+    assert v["passed"] and v["top1"] == pytest.approx(7 / 8) and v["top1_decisive_mismatches"] == 0
+    assert not compare_logits(ref, np.full_like(ref, np.nan), "f32")["passed"]

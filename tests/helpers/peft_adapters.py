@@ -132,3 +132,16 @@ def adapter_manifest(root: Path, base: Path, adapter_dir: str = "adapter", datas
          "command": ["bp-train", "-o", str(root), "--steps", "30"]}
     (Path(root) / "manifest.json").write_text(json.dumps(m))
     return m
+
+
+def run_merge(*argv) -> tuple[int, dict]:
+    """bp-merge in this process (its real main wrapper): (exit code, the JSON it printed on stdout)."""
+    import contextlib
+    import io
+
+    from bp_common.cli import run_main
+    from bp_merge.cli import get_parser, run
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = run_main("bp-merge", get_parser, run, [str(a) for a in argv] + ["--quiet"])
+    return rc, json.loads(buf.getvalue())
