@@ -185,3 +185,11 @@ def test_adapter_manifest_input_gives_a_model_card_from_the_chain(parity_adapter
     im_end = json.loads((tiny_llama / "tokenizer.json").read_text())
     im_end = next(t["id"] for t in im_end["added_tokens"] if t["content"] == "<|im_end|>")
     assert im_end in gen["eos_token_id"] and m["end_of_turn"] == "<|im_end|>"
+
+
+def test_lora_bias_is_merged_into_the_base_bias(tiny_qwen2, tmp_path):
+    adapter = make_adapter(tiny_qwen2, tmp_path / "adapter", target_modules=["q_proj", "v_proj"], lora_bias=True)
+    rc, m = merge(adapter, "--base", tiny_qwen2, "-o", tmp_path / "out", "--dtype", "f32")
+    assert rc == 0, m
+    ref, got = independent_logits(tiny_qwen2, adapter, tmp_path / "out" / "model")
+    assert_parity(ref, got, "f32")

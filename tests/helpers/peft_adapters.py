@@ -78,6 +78,7 @@ def make_qlora_adapter(base: Path, out: Path, steps: int = 20, seed: int = 0) ->
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                            bnb_4bit_use_double_quant=True)
     model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=q, device_map="cpu")
+    assert any(type(m).__name__ == "Linear4bit" for m in model.modules()), "the base did not load in 4-bit"
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16,
                                                   target_modules="all-linear"))
