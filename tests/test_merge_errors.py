@@ -166,3 +166,16 @@ def test_weights_must_match_the_adapters(adapter, tiny_llama, tmp_path):
     assert_error(rc, env, "INPUT_INVALID", 64)
     rc, env = run_merge(adapter, "--base", tiny_llama)
     assert_error(rc, env, "INPUT_USAGE", 2)
+
+
+def test_values_beyond_float16_range_are_refused_for_f16(adapter, tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+    base = copy_model(tiny_llama, tmp_path / "base")
+    tensors = load_file(str(base / "model.safetensors"))
+    tensors["model.norm.weight"][0] = 1e5  # fine in bf16 and f32, infinite in f16
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    rc, env = run_merge(adapter, "--base", base, "-o", out, "--dtype", "f16")
+    assert_error(rc, env, "EXPORT_WEIGHTS_INVALID", 65)
+    assert env["details"]["tensor"] == "model.norm.weight" and "--dtype bf16" in env["hint"]
+    assert_nothing_published(out)

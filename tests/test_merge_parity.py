@@ -193,3 +193,16 @@ def test_lora_bias_is_merged_into_the_base_bias(tiny_qwen2, tmp_path):
     assert rc == 0, m
     ref, got = independent_logits(tiny_qwen2, adapter, tmp_path / "out" / "model")
     assert_parity(ref, got, "f32")
+
+
+def test_a_base_without_tokenizer_is_probed_with_token_ids(tiny_llama, tmp_path):
+    import shutil
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(tiny_llama / name, base / name)
+    adapter = make_adapter(base, tmp_path / "adapter", target_modules=["q_proj"])
+    rc, m = merge(adapter, "--base", base, "-o", tmp_path / "out", "--dtype", "f32")
+    assert rc == 0, m
+    assert m["verify"]["probe"] == "token_ids" and m["verify"]["max_abs_diff"] < 1e-4
+    assert m["chat_template"] is False and m["end_of_turn"] is None

@@ -114,6 +114,8 @@ def weight_files(path: Path) -> tuple[list[Path], bool]:
             names = list(dict.fromkeys(weight_map.values()))
             return [path / n for n in names], pickle
     st = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    if len(st) > 1:  # Mistral-style repos carry the same weights twice: consolidated.safetensors is the copy
+        st = [p for p in st if not p.name.startswith("consolidated")] or st
     if st:
         return st, False
     pk = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and not p.name.startswith(("adapter_",

@@ -8,18 +8,19 @@ with the adapter applied by PEFT before publishing anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 from bp_common.cli import entry, make_parser
 from bp_common.errors import BpError
-from bp_common.io import OutputLock, atomic_dir, check_free_space
-from bp_common.manifest import reuse, write_manifest
+from bp_common.io import OutputLock, check_free_space
+from bp_common.manifest import reuse
 
 from .adapters import open_adapter
 from .base import open_base
 from .inputs import base_ref, parse_weights, read_sources
 from .merge import drop_unchanged_replacements, output_bytes, plan_merge
-from .result import TOOL, build_model_dir, merge_fingerprint, model_manifest
+from .result import TOOL, merge_fingerprint, publish
 from .shards import parse_size
 
 EPILOG = """examples:
@@ -69,9 +70,12 @@ def run(args, ctx):
     out = Path(args.output).absolute()
     weights = parse_weights(args.weights, len(sources))
     max_shard = parse_size(args.max_shard_size)
-    with OutputLock(out):
+    with OutputLock(out), contextlib.ExitStack() as opened:
         base = open_base(base_ref(args.base, sources), args.allow_pickle)
+        opened.callback(base.close)
         adapters = [open_adapter(s.path, w, args.allow_pickle) for s, w in zip(sources, weights)]
+        for ad in adapters:
+            opened.callback(ad.close)
         settings = {"dtype": args.dtype, "max_shard_size": max_shard, "verify": args.verify}
         fp = merge_fingerprint(base, adapters, sources, settings)
         done = reuse(out, fp, args.force)
@@ -87,22 +91,10 @@ def run(args, ctx):
         check_free_space(out.parent, output_bytes(plan, args.dtype) + (16 << 20), "the merged model")
         ctx.r.event("merge", base=base.ref, adapters=[str(a.path) for a in adapters], tensors=len(plan.tensors),
                     modules=plan.merged_modules, dtype=args.dtype)
-        with atomic_dir(out, replace=args.force) as work:
-            with ctx.r.task("merge", len(plan.tensors), "tensor") as task:
-                built = build_model_dir(work / "model", base, adapters, plan, args.dtype, max_shard,
-                                        progress=lambda _p: task.advance())
-            verify = None
-            if args.verify:
-                from .verify import verify_merge
-                verify = verify_merge(base.path, adapters, work / "model", args.dtype, args.allow_pickle,
-                                      args.trust_remote_code, ctx.r)
-                ctx.r.event("verify", **{k: verify[k] for k in ("max_abs_diff", "top1", "tolerance", "positions")})
-            manifest = model_manifest(out, work, sources, base, adapters, plan, built, verify, args.dtype, fp)
-            write_manifest(manifest, work)
-        base.close()
-        for ad in adapters:
-            ad.close()
-    ctx.summary(f"merged model: {out / 'model'} ({args.dtype}, {len(built['shards'])} shard(s))"
+        manifest = publish(out, sources, base, adapters, plan, fp, args.dtype, max_shard, args.verify, args.force,
+                           args.allow_pickle, args.trust_remote_code, ctx.r)
+    verify = manifest["verify"]
+    ctx.summary(f"merged model: {out / 'model'} ({args.dtype}, {len(manifest['shards'])} shard(s))"
                 + (f", max |Δlogit| {verify['max_abs_diff']:.2g}" if verify else ", not verified"))
     return manifest
 

@@ -297,7 +297,11 @@ def write_tensor(plan: TensorPlan, writer: SafetensorsWriter, out_dtype: str, re
             raise BpError("EXPORT_WEIGHTS_INVALID", f"merging {', '.join(plan.modules[:3])} into {plan.name} "
                           "gives NaN or Inf", hint="the adapter is broken (diverged training?); check its loss",
                           details={"tensor": plan.name})
-        writer.write(from_f32(v, out_dtype))
+        out = from_f32(v, out_dtype)
+        if out_dtype == "F16" and not np.isfinite(out).all() and np.isfinite(v).all():
+            raise BpError("EXPORT_WEIGHTS_INVALID", f"{plan.name} holds values beyond float16's range (65504)",
+                          hint="use --dtype bf16 (same range as float32) or f32", details={"tensor": plan.name})
+        writer.write(out)
 
 
 def output_bytes(plan: MergePlan, dtype: str) -> int:

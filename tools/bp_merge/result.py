@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bp_common import manifest as mf
-from bp_common.io import sha256_file
+from bp_common.io import atomic_dir, sha256_file
 from bp_common.modelcard import render_model_card
 from bp_common.models import config_digest
 
@@ -30,6 +30,28 @@ def merge_fingerprint(base: BaseModel, adapters: list[Adapter], sources: list[Ad
                     "files": {p.name: sha256_file(p) for p in files},
                     "manifest": src.manifest.get("id") if src.manifest else None})
     return mf.fingerprint(TOOL, str(base.path), base_files, config_digest(base.path), ads, settings)
+
+
+def publish(out: Path, sources: list[AdapterSource], base: BaseModel, adapters: list[Adapter], plan: MergePlan,
+            fingerprint: str, dtype: str, max_shard_bytes: int, verify: bool, force: bool, allow_pickle: bool,
+            trust_remote_code: bool, reporter) -> mf.Manifest:
+    """Build `<out>.partial/` (weights, files, parity check, card, manifest) and rename it to `out`.
+
+    Any failure, the parity check's included, removes the partial directory: nothing is published.
+    """
+    with atomic_dir(out, replace=force) as work:
+        with reporter.task("merge", len(plan.tensors), "tensor") as task:
+            built = build_model_dir(work / MODEL_DIR, base, adapters, plan, dtype, max_shard_bytes,
+                                    progress=lambda _p: task.advance())
+        checked = None
+        if verify:
+            from .verify import verify_merge
+            checked = verify_merge(base.path, adapters, work / MODEL_DIR, dtype, allow_pickle, trust_remote_code,
+                                   reporter)
+            reporter.event("verify", **{k: checked[k] for k in ("max_abs_diff", "top1", "tolerance", "positions")})
+        manifest = model_manifest(out, work, sources, base, adapters, plan, built, checked, dtype, fingerprint)
+        mf.write_manifest(manifest, work)
+    return manifest
 
 
 def build_model_dir(model_dir: Path, base: BaseModel, adapters: list[Adapter], plan: MergePlan, dtype: str,

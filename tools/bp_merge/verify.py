@@ -28,8 +28,13 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog. What does the cat say
 
 def probe_ids(model_dir: Path, trust_remote_code: bool = False, max_tokens: int = 96) -> tuple[list[int], str]:
     """Token ids of the probe: a chat exchange through the template, or plain text without one."""
-    from bp_common.models import load_tokenizer
-    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    from bp_common.errors import BpError
+    from bp_common.models import load_tokenizer, read_config
+    try:
+        tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    except BpError:  # no tokenizer shipped with the base: probe with plain token ids
+        vocab = int(read_config(model_dir).get("vocab_size") or 64)
+        return list(range(1, min(vocab, max_tokens + 1))), "token_ids"
     text = None
     if getattr(tok, "chat_template", None):
         try:
