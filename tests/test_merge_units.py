@@ -220,3 +220,12 @@ def test_compare_logits_tolerances_and_dtype_floor():
     v = compare_logits(near, got, "bf16")
     assert v["passed"] and v["top1"] == pytest.approx(7 / 8) and v["top1_decisive_mismatches"] == 0
     assert not compare_logits(ref, np.full_like(ref, np.nan), "f32")["passed"]
+
+
+def test_the_merge_path_does_not_import_torch():
+    import subprocess
+    import sys
+    code = ("import sys, bp_merge.cli, bp_merge.merge, bp_merge.result, bp_merge.base, bp_merge.adapters; "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

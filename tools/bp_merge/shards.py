@@ -220,7 +220,8 @@ def from_f32(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "F32":
         return np.ascontiguousarray(x, dtype=np.float32)
     if dtype == "F16":
-        return x.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow becomes inf; the caller checks and names the tensor
+            return x.astype(np.float16)
     if dtype == "BF16":
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
         r = u >> 16
