@@ -156,6 +156,10 @@ CATALOG: dict[str, CodeInfo] = {
                                   "see the supported list in the message"),
     "EXPORT_ADAPTER_MISMATCH": _c(65, "the adapter does not fit this base model (names or shapes differ)",
                                   "pass the base the adapter was trained on (--base)"),
+    "EXPORT_ADAPTER_UNSUPPORTED": _c(64, "the adapter uses a PEFT feature that cannot be merged as W + scale·B·A",
+                                     "merge LoRA, rsLoRA or DoRA adapters; see docs/export.md"),
+    "EXPORT_BASE_UNSUPPORTED": _c(64, "the base model's weights cannot be merged into (stored quantized or in an "
+                                  "unknown dtype)", "pass the full-precision base the adapter was trained from (--base)"),
     "EXPORT_WEIGHTS_INVALID": _c(65, "model weights are truncated, corrupt, or contain NaN/Inf",
                                  "re-download or re-create the weights"),
     "EXPORT_MERGE_MISMATCH": _c(65, "the merged model's logits differ from the adapter's beyond tolerance",

@@ -1,0 +1,1 @@
+"""bp-merge: merge LoRA adapters into the full-precision base model, streaming from disk."""
