@@ -117,7 +117,7 @@ class Task:
         self.total = total
         self.unit = unit
         self.n = 0
-        self._last = 0.0
+        self._last = time.monotonic()
         self._start = time.monotonic()
 
     def __enter__(self) -> "Task":
