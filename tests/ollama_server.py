@@ -176,7 +176,8 @@ class OllamaTestServer(ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def start(self) -> "OllamaTestServer":
-        self._thread = threading.Thread(target=self.serve_forever, name="ollama-test-server", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="ollama-test-server", daemon=True)
         self._thread.start()
         return self
 

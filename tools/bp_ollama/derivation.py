@@ -47,7 +47,7 @@ class Derived:
 
     def parameters(self) -> dict:
         _req, _f, _a = mfile.create_request([c for c in self.commands if c[0] not in ("model", "adapter")],
-                                            Path("/"))
+                                            None)
         return _req.get("parameters", {})
 
 
@@ -140,7 +140,7 @@ def derive(source: Source | None, opts: Options, user: list[mfile.Command] | Non
             raise BpError("INPUT_EMPTY", "no input: pass a gguf manifest or file, pipe one, or --modelfile FILE",
                           hint="bp-gguf ... | bp-ollama create NAME")
         p = mfile.local_path(user_from, user_dir)
-        if p.is_file() and is_gguf(p):
+        if p is not None and p.is_file() and is_gguf(p):
             meta = read_gguf_meta(p)
             source = Source(gguf=meta.path, meta=meta)
         else:

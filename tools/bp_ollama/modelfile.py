@@ -284,17 +284,23 @@ def get(commands: list[Command], name: str) -> str | None:
     return values[-1] if values else None
 
 
-def local_path(value: str, base_dir: Path) -> Path:
-    """A FROM/ADAPTER value as a path: absolute, ~, or relative to the Modelfile's directory."""
+def local_path(value: str, base_dir: Path | None) -> Path | None:
+    """A FROM/ADAPTER value as a path: absolute, ~, or relative to the Modelfile's directory.
+
+    With base_dir None, only absolute paths count as files (a bare word is a model name)."""
     p = Path(value).expanduser()
-    return p if p.is_absolute() else (base_dir / p)
+    if p.is_absolute():
+        return p
+    return base_dir / p if base_dir is not None else None
 
 
-def create_request(commands: list[Command], base_dir: Path) -> tuple[dict, dict[str, Path], dict[str, Path]]:
+def create_request(commands: list[Command], base_dir: Path | None) -> tuple[dict, dict[str, Path], dict[str, Path]]:
     """The /api/create body for commands, plus the local files to upload as blobs.
 
-    Returns (request, files, adapters); files and adapters map the request's file names to local
-    paths, whose digests the caller fills in after uploading.
+    base_dir: where relative FROM/ADAPTER paths are taken from (the Modelfile's directory); None
+    when every local path is already absolute. Returns (request, files, adapters); files and
+    adapters map the request's file names to local paths, whose digests the caller fills in
+    after uploading.
     """
     req: dict = {}
     files: dict[str, Path] = {}
@@ -305,13 +311,13 @@ def create_request(commands: list[Command], base_dir: Path) -> tuple[dict, dict[
     for name, args in commands:
         if name == "model":
             path = local_path(args, base_dir)
-            if path.exists():
+            if path is not None and path.exists():
                 files.update(_files_for(path, "FROM"))
             else:
                 req["from"] = args
         elif name == "adapter":
             path = local_path(args, base_dir)
-            if not path.exists():
+            if path is None or not path.exists():
                 raise BpError("INPUT_NOT_FOUND", f"ADAPTER {args} does not exist")
             adapters = _files_for(path, "ADAPTER")
         elif name in ("template", "system", "renderer", "parser", "requires"):

@@ -62,7 +62,7 @@ def model_digest(client: OllamaClient, name: str) -> str | None:
 
 def register(client: OllamaClient, name: str, commands: list[mfile.Command], r: Reporter) -> Registration:
     """Create `name` from Modelfile commands (absolute FROM/ADAPTER paths); see the module doc."""
-    request, files, adapters = mfile.create_request(commands, Path("/"))
+    request, files, adapters = mfile.create_request(commands, None)
     reg = Registration(name=name, request=request)
     if files:
         request["files"] = upload_blobs(client, files, r, reg)
