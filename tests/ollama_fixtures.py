@@ -1,6 +1,6 @@
 """Fixtures for bp-ollama's tests: the Go renderer, a loopback Ollama server, chat-template families.
 
-Import the fixtures a test module uses: `from ollama_fixtures import go_render, ollama  # noqa: F401`.
+Registered for every test by conftest.py (pytest_plugins), so bp-eval and demo tests can use them.
 """
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ class Family:
 
 
 @pytest.fixture(scope="session")
-def family(tiny_llama, tmp_path_factory):
-    """family('llama3') -> Family: tokenizer dir, GGUF and a gguf manifest with a full chain (built once)."""
+def template_family(tiny_llama, tmp_path_factory):
+    """template_family('llama3') -> Family: tokenizer dir, GGUF and a gguf manifest with a full chain (built once)."""
     built: dict[str, Family] = {}
     base = tmp_path_factory.mktemp("families")
 
@@ -171,7 +171,7 @@ def go_render(tmp_path_factory):
 
 
 @pytest.fixture
-def ollama(tmp_path):
+def ollama_server(tmp_path):
     """A fresh loopback Ollama server for one test."""
     server = OllamaTestServer(tmp_path / "ollama-server").start()
     yield server

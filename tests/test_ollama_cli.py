@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 from bp_ollama.modelfile import parse_modelfile
-from ollama_fixtures import family, free_port, ollama  # noqa: F401
+from ollama_fixtures import free_port
 
 
-def test_pipe_modelfile_then_create(run_tool, family, ollama, tmp_path):
-    fam = family("chatml")
+def test_pipe_modelfile_then_create(run_tool, template_family, ollama_server, tmp_path):
+    fam = template_family("chatml")
     out = tmp_path / "ollama"
     r = run_tool("bp-ollama", "modelfile", "-o", out, input=fam.manifest.read_text())
     assert r.rc == 0, r.stderr
@@ -24,15 +24,15 @@ def test_pipe_modelfile_then_create(run_tool, family, ollama, tmp_path):
     again = run_tool("bp-ollama", "modelfile", fam.manifest, "-o", out)
     assert again.rc == 0 and again.json["created_at"] == m["created_at"] and "up to date" in again.stderr
     # The written Modelfile's directory is an input for create.
-    r = run_tool("bp-ollama", "create", "demo-tiny", out, "--host", ollama.url)
+    r = run_tool("bp-ollama", "create", "demo-tiny", out, "--host", ollama_server.url)
     assert r.rc == 0, r.stderr
     assert r.json["name"] == "demo-tiny:latest" and r.json["uploaded"] == [m["digest"]]
-    assert ollama.models["demo-tiny:latest"]["layers"][0]["digest"] == m["digest"]
+    assert ollama_server.models["demo-tiny:latest"]["layers"][0]["digest"] == m["digest"]
 
 
-def test_server_down_exits_69_with_the_envelope(run_tool, family):
+def test_server_down_exits_69_with_the_envelope(run_tool, template_family):
     url = f"http://127.0.0.1:{free_port()}"
-    r = run_tool("bp-ollama", "create", "demo", family("chatml").manifest, "--host", url)
+    r = run_tool("bp-ollama", "create", "demo", template_family("chatml").manifest, "--host", url)
     assert r.rc == 69
     env = r.json
     assert env["kind"] == "error" and env["code"] == "OLLAMA_UNAVAILABLE" and env["retryable"] is True

@@ -9,7 +9,7 @@ from bp_ollama.derivation import Options, derive
 from bp_ollama.gotemplate import TurnFormat, go_template, render_format, translate
 from bp_ollama.modelfile import get
 from bp_ollama.source import resolve_source
-from ollama_fixtures import FAMILIES, family, go_render, trl_template  # noqa: F401
+from ollama_fixtures import FAMILIES
 
 SYSTEM = "You are a farm guide. Answer in one sentence."
 TURNS = [("user", "What does the cow say?"), ("assistant", "The cow says moo."),
@@ -35,8 +35,8 @@ def expected(fam, messages):
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_go_rendering_equals_apply_chat_template(name, family, go_render):
-    fam = family(name)
+def test_go_rendering_equals_apply_chat_template(name, template_family, go_render):
+    fam = template_family(name)
     d = derived_for(fam)
     template = get(d.commands, "template")
     cases = [msgs(TURNS)]
@@ -52,8 +52,8 @@ def test_go_rendering_equals_apply_chat_template(name, family, go_render):
 
 
 @pytest.mark.parametrize("name", ["llama3", "llama3_1", "mistral", "gemma", "gemma3"])
-def test_bos_is_left_to_the_runtime_when_the_gguf_adds_it(name, family, go_render):
-    fam = family(name)
+def test_bos_is_left_to_the_runtime_when_the_gguf_adds_it(name, template_family, go_render):
+    fam = template_family(name)
     hf = fam.hf_render(msgs(TURNS))
     assert hf.startswith(fam.spec.bos)
     go = go_render(get(derived_for(fam).commands, "template"), [msgs(TURNS)])[0]
@@ -61,8 +61,8 @@ def test_bos_is_left_to_the_runtime_when_the_gguf_adds_it(name, family, go_rende
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_stops_num_ctx_and_parameters(name, family):
-    fam = family(name)
+def test_stops_num_ctx_and_parameters(name, template_family):
+    fam = template_family(name)
     d = derived_for(fam)
     stops = [a for n, a in d.commands if n == "stop"]
     assert stops[0] == fam.spec.eot
@@ -74,19 +74,19 @@ def test_stops_num_ctx_and_parameters(name, family):
     assert get(d.commands, "temperature") == "0.7"
 
 
-def test_placements_match_the_families(family):
-    placements = {n: derived_for(family(n)).translation.format.placement for n in FAMILIES}
+def test_placements_match_the_families(template_family):
+    placements = {n: derived_for(template_family(n)).translation.format.placement for n in FAMILIES}
     assert placements["mistral"] == "last_user"
     assert placements["gemma"] == placements["gemma3"] == "first_user"
     assert placements["qwen2_5"] == placements["llama3_1"] == placements["chatml"] == "turn"
     # Qwen2.5 writes a default system prompt when none is given; the TEMPLATE does too.
-    fmt = derived_for(family("qwen2_5")).translation.format
+    fmt = derived_for(template_family("qwen2_5")).translation.format
     assert "You are Qwen, created by Alibaba Cloud." in fmt.no_system
 
 
-def test_gemma_system_prompt_goes_where_gemma3_puts_it(family, go_render):
+def test_gemma_system_prompt_goes_where_gemma3_puts_it(template_family, go_render):
     """Gemma's template refuses a system turn; the translation writes it as Gemma 3's template does."""
-    gemma, gemma3 = family("gemma"), family("gemma3")
+    gemma, gemma3 = template_family("gemma"), template_family("gemma3")
     with pytest.raises(Exception):
         gemma.hf_render(msgs([("system", SYSTEM)] + TURNS))
     d = derived_for(gemma)
@@ -98,9 +98,9 @@ def test_gemma_system_prompt_goes_where_gemma3_puts_it(family, go_render):
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama3_1", "mistral", "gemma3", "qwen2_5"])
-def test_python_mirror_matches_go(name, family, go_render):
+def test_python_mirror_matches_go(name, template_family, go_render):
     """render_format (used to verify translations) renders exactly what Go does, for odd chats too."""
-    fmt = derived_for(family(name)).translation.format
+    fmt = derived_for(template_family(name)).translation.format
     cases = [
         msgs(TURNS[:1]),
         msgs(TURNS[:2]),                                   # a prefill: the answer is left open

@@ -1,16 +1,16 @@
 """bp-ollama: write a Modelfile that speaks the model's own chat template, and register it with Ollama."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from bp_common import manifest as mf
 from bp_common.cli import add_subparsers, entry, make_parser
 from bp_common.envvars import ollama_host_default
 from bp_common.errors import BpError
-from bp_common.io import OutputLock, atomic_write, sha256_bytes
+from bp_common.io import OutputLock
 
 TOOL = "bp-ollama"
-MODELFILE = "Modelfile"
 
 DESCRIPTION = """\
 Write an Ollama Modelfile for a GGUF (TEMPLATE and stops translated from the model's own chat
@@ -86,6 +86,8 @@ def get_parser():
     _add_modelfile_options(c)
     c.add_argument("-o", "--output", default=None,
                    help=_said("also write the Modelfile and manifest.json into this directory; default: none"))
+    c.add_argument("--force", action="store_true", default=False,
+                   help="write into --output even when it holds the Modelfile of other inputs or settings")
     _add_host(c)
     ls = sub.add_parser("list", help="list the server's models", description="List the models Ollama holds.")
     _add_host(ls)
@@ -114,91 +116,43 @@ def run(args, ctx):
 # -- modelfile / create -----------------------------------------------------------------------------
 
 def _derive(args, ctx):
-    """Read the input and the user's Modelfile, and derive the Modelfile commands."""
-    from . import modelfile as mfile
+    """Read the input and the user's Modelfile; derive the Modelfile's commands. -> (origin, derived)"""
     from .derivation import Options, derive
-    from .source import resolve_source
+    from .source import read_inputs
 
-    user, user_dir = [], None
-    if args.modelfile:
-        user = mfile.read_modelfile(args.modelfile)
-        user_dir = Path(args.modelfile).resolve().parent
-    source = resolve_source(args.input, args.quant, optional=bool(args.modelfile))
-    if source is not None and source.modelfile is not None:  # an ollama manifest: its Modelfile
-        if args.modelfile:
-            raise BpError("CONFIG_INVALID_SETTING", "the input is an ollama manifest with its own Modelfile; "
-                          "pass either it or --modelfile, not both")
-        user, user_dir = mfile.read_modelfile(source.modelfile), source.modelfile.parent
-        chain_source, source = source, None
-    else:
-        chain_source = source
+    if args.num_ctx is not None and args.num_ctx <= 0:
+        raise BpError("INPUT_INVALID", "--num-ctx must be a positive number of tokens")
+    inputs = read_inputs(args.input, args.quant, args.modelfile)
     opts = Options(system=args.system, num_ctx=args.num_ctx, temperature=args.temperature, stops=args.stop,
                    template_file=Path(args.template) if args.template else None,
                    license_file=Path(args.license) if args.license else None, base=args.base)
-    if args.num_ctx is not None and args.num_ctx <= 0:
-        raise BpError("INPUT_INVALID", "--num-ctx must be a positive number of tokens")
-    derived = derive(source, opts, user, user_dir)
+    derived = derive(inputs.source, opts, inputs.user, inputs.user_dir)
     for w in derived.warnings:
         ctx.r.warn(w)
-    return derived, chain_source
-
-
-def _modelfile_text(derived, source) -> str:
-    from bp_common import __version__
-    from .modelfile import format_modelfile
-    what = source.describe() if source is not None else "--modelfile"
-    header = (f"Modelfile written by bp-ollama {__version__} from {what}\n"
-              f"TEMPLATE: {derived.template_source or 'not set (the base model keeps its own)'}\n"
-              f"num_ctx: {derived.num_ctx_source or 'not set'}")
-    return format_modelfile(derived.commands, header=header)
-
-
-def _ollama_fields(derived, source, text: str) -> dict:
-    from .registration import file_digest, template_digest
-    from .modelfile import get
-    gguf = Path(get(derived.commands, "model") or "")
-    adapter = get(derived.commands, "adapter")
-    return {
-        "digest": file_digest(gguf) if gguf.is_file() else None,
-        "adapter_digest": file_digest(Path(adapter)) if adapter and Path(adapter).is_file() else None,
-        "from": None if gguf.is_file() else get(derived.commands, "model"),
-        "template_digest": template_digest(get(derived.commands, "template")),
-        "template_source": derived.template_source,
-        "parameters": derived.parameters(),
-        "num_ctx_source": derived.num_ctx_source,
-        "system": get(derived.commands, "system"),
-        "warnings": derived.warnings,
-        "modelfile_sha256": "sha256:" + sha256_bytes(text),
-    }
-
-
-def _write_output(out: Path, text: str, manifest: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / MODELFILE, text)
-    mf.write_manifest(manifest, out)
+    return inputs.origin, derived
 
 
 def run_modelfile(args, ctx):
-    derived, source = _derive(args, ctx)
-    text = _modelfile_text(derived, source)
-    inputs = source.inputs() if source is not None else []
-    fields = _ollama_fields(derived, source, text)
-    digests = [fields["modelfile_sha256"]]
+    from .outputs import MODELFILE, check_output, manifest_fields, modelfile_text, write_output
+
+    origin, derived = _derive(args, ctx)
+    text = modelfile_text(derived, origin)
+    inputs = origin.inputs() if origin is not None else []
+    fields = manifest_fields(derived, text)
     if args.output is None:
-        m = mf.new_manifest("ollama", TOOL, None, digests=digests, inputs=inputs, name=None, host=None,
-                            modelfile=None, text=text, **fields)
         ctx.summary(text.rstrip())
-        return m
+        return mf.new_manifest("ollama", TOOL, None, digests=[fields["modelfile_sha256"]], inputs=inputs,
+                               name=None, host=None, modelfile=None, text=text, **fields)
     out = Path(args.output)
     fp = mf.fingerprint(TOOL, "modelfile", text, [i.get("id") for i in inputs])
     with OutputLock(out):
-        done = mf.reuse(out, fp, args.force)
-        if done is not None and (out / MODELFILE).is_file():
-            ctx.r.info(f"{out / MODELFILE} is up to date")
+        done = check_output(out, fp, args.force)
+        if done is not None:
+            ctx.r.info(f"{out / MODELFILE} is up to date (--force rewrites it)")
             return done
-        m = mf.new_manifest("ollama", TOOL, out, digests=digests, inputs=inputs, name=None, host=None,
-                            modelfile=MODELFILE, fingerprint=fp, **fields)
-        _write_output(out, text, m)
+        m = mf.new_manifest("ollama", TOOL, out, digests=[fields["modelfile_sha256"]], inputs=inputs, name=None,
+                            host=None, modelfile=MODELFILE, fingerprint=fp, **fields)
+        write_output(out, text, m)
     ctx.summary(f"wrote {out / MODELFILE}")
     return m
 
@@ -210,27 +164,26 @@ def _client(args):
 
 def run_create(args, ctx):
     from .names import check_name, full_name
+    from .outputs import MODELFILE, check_output, manifest_fields, modelfile_text, write_output
     from .registration import register
 
     name = check_name(args.name)
-    derived, source = _derive(args, ctx)
-    text = _modelfile_text(derived, source)
+    origin, derived = _derive(args, ctx)
+    text = modelfile_text(derived, origin)
     client = _client(args)
     out = Path(args.output) if args.output else None
-    lock = OutputLock(out).acquire() if out is not None else None
-    try:
-        reg = register(client, name, derived.commands, ctx.r)
-        fields = _ollama_fields(derived, source, text)
-        inputs = source.inputs() if source is not None else []
-        m = mf.new_manifest("ollama", TOOL, out, digests=[reg.model_digest or "", fields["modelfile_sha256"]],
-                            inputs=inputs, name=full_name(name), host=client.host.url,
-                            modelfile=MODELFILE if out is not None else None,
-                            model_digest=reg.model_digest, uploaded=reg.uploaded, **fields)
+    fp = mf.fingerprint(TOOL, "create", full_name(name), client.host.url, text)
+    with OutputLock(out) if out is not None else contextlib.nullcontext():
         if out is not None:
-            _write_output(out, text, m)
-    finally:
-        if lock is not None:
-            lock.release()
+            check_output(out, fp, args.force)  # registering again is never skipped: the server may differ
+        reg = register(client, name, derived.commands, ctx.r)
+        fields = manifest_fields(derived, text)
+        m = mf.new_manifest("ollama", TOOL, out, digests=[reg.model_digest or "", fields["modelfile_sha256"]],
+                            inputs=origin.inputs() if origin is not None else [], name=full_name(name),
+                            host=client.host.url, modelfile=MODELFILE if out is not None else None,
+                            fingerprint=fp, model_digest=reg.model_digest, uploaded=reg.uploaded, **fields)
+        if out is not None:
+            write_output(out, text, m)
     ctx.summary(f"registered {full_name(name)} at {client.host.url}")
     return m
 

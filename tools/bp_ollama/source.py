@@ -206,3 +206,27 @@ def hf_token_texts(model_dir: Path, ids: list[int]) -> dict[int, str]:
             if tid in missing:
                 out[tid] = text
     return out
+
+
+@dataclass
+class Inputs:
+    """Everything a Modelfile is derived from."""
+    source: Source | None                    # the GGUF to read (None: the user's Modelfile names it)
+    user: list = field(default_factory=list)  # the user's Modelfile commands
+    user_dir: Path | None = None             # where the user's relative paths start
+    origin: Source | None = None             # what the output manifest names as its input
+
+
+def read_inputs(arg: str | None, quant: str | None, modelfile: str | None) -> Inputs:
+    """The input (manifest, GGUF, or the output of `bp-ollama modelfile`) and the user's --modelfile."""
+    from .modelfile import read_modelfile
+    user, user_dir = [], None
+    if modelfile:
+        user, user_dir = read_modelfile(modelfile), Path(modelfile).resolve().parent
+    source = resolve_source(arg, quant, optional=bool(modelfile))
+    if source is not None and source.modelfile is not None:  # an ollama manifest: its Modelfile
+        if modelfile:
+            raise BpError("CONFIG_INVALID_SETTING", "the input is an ollama manifest with its own Modelfile; "
+                          "pass either it or --modelfile, not both")
+        return Inputs(None, read_modelfile(source.modelfile), source.modelfile.parent, source)
+    return Inputs(source, user, user_dir, source)
