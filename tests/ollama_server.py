@@ -314,20 +314,37 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- blobs ------------------------------------------------------------------------------
     def _push_blob(self, digest: str):
-        body = self._body()
         if not DIGEST_RE.match(digest):
+            self._body()
             self._record(400)
             return self._error(400, "invalid digest format")
         path = self.server.blob_path(digest)
         if path.is_file():
+            self._body()
             self._record(200)
             return self._send(200)
-        got = "sha256:" + hashlib.sha256(body).hexdigest()
+        # Stream the body to a temporary file while hashing it, as Ollama's NewLayer does.
+        tmp = path.with_name(path.name + f".partial-{threading.get_ident()}")
+        h = hashlib.sha256()
+        with open(tmp, "wb") as fh:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                data = self._body()
+                h.update(data)
+                fh.write(data)
+            else:
+                left = int(self.headers.get("Content-Length") or 0)
+                while left > 0:
+                    chunk = self.rfile.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    left -= len(chunk)
+                    h.update(chunk)
+                    fh.write(chunk)
+        got = "sha256:" + h.hexdigest()
         if got != digest.replace("-", ":", 1):
+            tmp.unlink()
             self._record(400)
             return self._error(400, f'digest mismatch, expected "{digest}", got "{got}"')
-        tmp = path.with_suffix(".partial")
-        tmp.write_bytes(body)
         tmp.replace(path)
         self._record(201)
         self._send(201)

@@ -237,3 +237,9 @@ def test_bad_hosts(value):
     with pytest.raises(BpError) as err:
         parse_host(value)
     assert err.value.code == "INPUT_INVALID" and "secret" not in err.value.message
+
+
+def test_a_windows_modelfile_reads_without_carriage_returns(tmp_path):
+    p = tmp_path / "Modelfile"
+    p.write_bytes(b'FROM llama3.2\r\nSYSTEM """two\r\nlines"""\r\nPARAMETER stop "</s>"\r\n')
+    assert mfile.read_modelfile(p) == [("model", "llama3.2"), ("system", "two\nlines"), ("stop", "</s>")]

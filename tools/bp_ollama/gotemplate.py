@@ -236,7 +236,9 @@ def translate(template: str, specials: dict, add_bos: bool, tokens: tuple[str, .
     tokens: special-token texts, so recovered pieces never split one.
     """
     specials = {k: v for k, v in specials.items() if isinstance(v, str)}
-    tokens = tuple(sorted({t for t in tokens if t} | set(specials.values()) - {""}, key=len, reverse=True))
+    # Only tokens the template can write matter: its literal text, or a special token variable.
+    tokens = tuple(sorted({t for t in tokens if t and t in template} | set(specials.values()) - {""},
+                          key=len, reverse=True))
     warnings: list[str] = []
     M = MARK
 

@@ -242,6 +242,7 @@ def read_modelfile(path: Path | str) -> list[Command]:
         raise BpError("INPUT_NOT_FOUND", f"Modelfile {path} does not exist") from None
     except UnicodeDecodeError:
         raise BpError("INPUT_INVALID", f"Modelfile {path} is not UTF-8 text") from None
+    text = text.replace("\r\n", "\n")  # a Modelfile saved on Windows: no carriage returns in values
     for i, ch in enumerate(text):
         if not (ch.isprintable() or ch in " \n\t\ufeff"):
             lineno = text.count("\n", 0, i) + 1

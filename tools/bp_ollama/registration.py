@@ -8,6 +8,7 @@ does not hold what was sent, is removed again: nothing is left half-registered.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,13 @@ class Registration:
 
 
 def file_digest(path: Path) -> str:
+    """`sha256:<hex>` of a file; hashed once per run however often it is asked for."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     return "sha256:" + sha256_file(path)
 
 
