@@ -30,6 +30,16 @@ def test_pipe_modelfile_then_create(run_tool, template_family, ollama_server, tm
     assert ollama_server.models["demo-tiny:latest"]["layers"][0]["digest"] == m["digest"]
 
 
+def test_printed_modelfile_pipes_into_create(run_tool, template_family, ollama_server):
+    fam = template_family("gemma3")
+    r = run_tool("bp-ollama", "modelfile", fam.manifest, "--system", "Be brief.")
+    assert r.rc == 0 and r.json["modelfile"] is None and "<start_of_turn>" in r.json["text"]
+    c = run_tool("bp-ollama", "create", "g3", "--host", ollama_server.url, input=r.stdout)
+    assert c.rc == 0, c.stderr
+    assert c.json["inputs"][0]["kind"] == "ollama" and c.json["system"] == "Be brief."
+    assert ollama_server.models["g3:latest"]["layers"][0]["digest"] == r.json["digest"]
+
+
 def test_server_down_exits_69_with_the_envelope(run_tool, template_family):
     url = f"http://127.0.0.1:{free_port()}"
     r = run_tool("bp-ollama", "create", "demo", template_family("chatml").manifest, "--host", url)

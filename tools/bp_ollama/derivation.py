@@ -128,125 +128,140 @@ def _read_text_file(path: Path, what: str) -> str:
 
 def derive(source: Source | None, opts: Options, user: list[mfile.Command] | None = None,
            user_dir: Path | None = None) -> Derived:
-    """The Modelfile commands for a source, flags and an optional user Modelfile."""
+    """The Modelfile commands for a source, flags and an optional user Modelfile (see the module doc)."""
     user = list(user or [])
     user_dir = user_dir or Path.cwd()
     warnings: list[str] = []
-    user_from = mfile.get(user, "model")
-
-    # A user Modelfile alone (ollama create -f style): its FROM may be a GGUF we can read.
     if source is None:
-        if user_from is None:
-            raise BpError("INPUT_EMPTY", "no input: pass a gguf manifest or file, pipe one, or --modelfile FILE",
-                          hint="bp-gguf ... | bp-ollama create NAME")
-        p = mfile.local_path(user_from, user_dir)
-        if p is not None and p.is_file() and is_gguf(p):
-            meta = read_gguf_meta(p)
-            source = Source(gguf=meta.path, meta=meta)
-        else:
-            source = Source()
-
-    # FROM and ADAPTER.
-    commands: list[mfile.Command] = []
-    if source.gguf is not None and not source.is_adapter:
-        if user_from is not None and mfile.local_path(user_from, user_dir).resolve() != source.gguf:
-            warnings.append(f"the Modelfile's FROM {user_from} is replaced by the input {source.gguf}")
-        commands.append(("model", str(source.gguf)))
-    elif source.is_adapter:
-        base = opts.base or user_from or _manifest_base(source)
-        if not base:
-            raise BpError("CONFIG_INVALID_SETTING",
-                          f"{source.gguf.name} is a LoRA adapter: name the Ollama model it applies to with --base NAME",
-                          hint="e.g. --base llama3.2 (the base must be the model the adapter was trained on)")
-        commands.append(("model", _absolute_if_local(base, user_dir)))
-        commands.append(("adapter", str(source.gguf)))
-        if mfile.get(user, "adapter") is not None:
-            warnings.append("the Modelfile's ADAPTER is replaced by the input adapter")
-    else:
-        commands.append(("model", _absolute_if_local(user_from, user_dir)))
-        if mfile.get(user, "adapter") is not None:
-            commands.append(("adapter", _absolute_if_local(mfile.get(user, "adapter"), user_dir)))
-
-    # TEMPLATE: --template FILE, the user's TEMPLATE, or the model's chat template translated.
-    template, template_source, translation = None, None, None
-    jinja, jinja_where = find_chat_template(source) if source.gguf is not None else (None, None)
-    if jinja:
-        try:
-            translation = translate_for(source, jinja)
-        except Untranslatable as exc:
-            translation_error = str(exc)
-        else:
-            translation_error = None
-    if opts.template_file is not None:
-        template = _read_text_file(opts.template_file, "--template")
-        template_source = f"--template {opts.template_file}"
-    elif mfile.get(user, "template") is not None:
-        template, template_source = mfile.get(user, "template"), "--modelfile"
-    elif translation is not None:
-        template, template_source = translation.template, f"translated from the chat template in {jinja_where}"
-        warnings += translation.warnings
-    elif jinja:
-        raise BpError("OLLAMA_TEMPLATE_UNSUPPORTED",
-                      f"the chat template in {jinja_where} cannot be translated: {translation_error}",
-                      hint="pass --template FILE with a Go template (see docs/export.md)",
-                      details={"reason": translation_error})
-    elif source.is_adapter:
-        warnings.append("no chat template found for the adapter; the base model's TEMPLATE is kept")
-    elif source.gguf is not None:
-        where = f"{source.gguf.name}" + (" or the model directories of its manifest chain" if source.chain else "")
-        raise BpError("CONFIG_NO_CHAT_TEMPLATE", f"no chat template in {where}",
-                      hint="use an instruct model, or pass --template FILE with a Go template")
+        source = _source_named_by(user, user_dir)
+    commands = _from_lines(source, opts, user, user_dir, warnings)
+    template, template_source, translation = _template(source, opts, user, warnings)
     if template is not None:
         commands.append(("template", template))
-
-    # PARAMETERs: stops, num_ctx, temperature, then the user's other parameters in their order.
-    user_params = [(n, a) for n, a in user if n in mfile.PARAMETER_TYPES or n in mfile.DEPRECATED_PARAMETERS]
-    user_stops = [a for n, a in user_params if n == "stop"]
-    derived_stops = stop_strings(source, translation.end_of_turn if translation else None) \
-        if source.gguf is not None else []
-    stops = []
-    for s in (user_stops or derived_stops) + list(opts.stops):
-        if s not in stops:
-            stops.append(s)
-    commands += [("stop", s) for s in stops]
-    num_ctx_source = None
-    if opts.num_ctx is not None:
-        commands.append(("num_ctx", str(opts.num_ctx)))
-        num_ctx_source = "--num-ctx"
-    elif mfile.get(user, "num_ctx") is not None:
-        commands.append(("num_ctx", mfile.get(user, "num_ctx")))
-        num_ctx_source = "--modelfile"
-    elif source.gguf is not None:
-        n, num_ctx_source = default_num_ctx(source)
-        commands.append(("num_ctx", str(n)))
-    if opts.temperature is not None:
-        commands.append(("temperature", _number(opts.temperature)))
-    elif mfile.get(user, "temperature") is not None:
-        commands.append(("temperature", mfile.get(user, "temperature")))
-    elif source.gguf is not None:
-        commands.append(("temperature", _number(DEFAULT_TEMPERATURE)))
-    seen = {"stop", "num_ctx", "temperature"}
-    for n, a in user_params:
-        if n not in seen:
-            commands.append((n, a))
-
-    # SYSTEM, LICENSE, MESSAGE and what else the user's Modelfile says.
-    system = opts.system if opts.system is not None else mfile.get(user, "system")
-    if system:
-        commands.append(("system", system))
-    if opts.license_file is not None:
-        commands.append(("license", _read_text_file(opts.license_file, "--license")))
-    elif any(n == "license" for n, _ in user):
-        commands += [(n, a) for n, a in user if n == "license"]
-    elif source.meta is not None and source.meta.license:
-        commands.append(("license", source.meta.license))
-    commands += [(n, a) for n, a in user if n in ("message", "renderer", "parser", "requires")]
-
+    params, num_ctx_source = _parameters(source, opts, user, translation)
+    commands += params
+    commands += _texts(source, opts, user)
     for name, args in commands:  # validate every value before anything is written or sent
         mfile.check_text(args, "FROM" if name == "model" else name.upper(), multiline=name in mfile.MULTILINE)
         if name in mfile.PARAMETER_TYPES:
             mfile.parameter_value(name, args)
     return Derived(commands, template_source, num_ctx_source, translation, warnings)
+
+
+def _source_named_by(user: list[mfile.Command], user_dir: Path) -> Source:
+    """A user Modelfile alone (`ollama create -f` style): its FROM may be a GGUF bp-ollama can read."""
+    user_from = mfile.get(user, "model")
+    if user_from is None:
+        raise BpError("INPUT_EMPTY", "no input: pass a gguf manifest or file, pipe one, or --modelfile FILE",
+                      hint="bp-gguf ... | bp-ollama create NAME")
+    p = mfile.local_path(user_from, user_dir)
+    if p is not None and p.is_file() and is_gguf(p):
+        meta = read_gguf_meta(p)
+        return Source(gguf=meta.path, meta=meta)
+    return Source()
+
+
+def _from_lines(source: Source, opts: Options, user: list[mfile.Command], user_dir: Path,
+                warnings: list[str]) -> list[mfile.Command]:
+    """FROM (the input GGUF, a base model for an adapter, or the user's FROM) and ADAPTER."""
+    user_from, user_adapter = mfile.get(user, "model"), mfile.get(user, "adapter")
+    if source.is_adapter:
+        base = opts.base or user_from or _manifest_base(source)
+        if not base:
+            raise BpError("CONFIG_INVALID_SETTING",
+                          f"{source.gguf.name} is a LoRA adapter: name the Ollama model it applies to with --base NAME",
+                          hint="e.g. --base llama3.2 (the base must be the model the adapter was trained on)")
+        if user_adapter is not None:
+            warnings.append("the Modelfile's ADAPTER is replaced by the input adapter")
+        return [("model", _absolute_if_local(base, user_dir)), ("adapter", str(source.gguf))]
+    if source.gguf is not None:
+        if user_from is not None and mfile.local_path(user_from, user_dir).resolve() != source.gguf:
+            warnings.append(f"the Modelfile's FROM {user_from} is replaced by the input {source.gguf}")
+        return [("model", str(source.gguf))]
+    lines = [("model", _absolute_if_local(user_from, user_dir))]
+    if user_adapter is not None:
+        lines.append(("adapter", _absolute_if_local(user_adapter, user_dir)))
+    return lines
+
+
+def _template(source: Source, opts: Options, user: list[mfile.Command],
+              warnings: list[str]) -> tuple[str | None, str | None, Translation | None]:
+    """TEMPLATE: --template FILE, the user's TEMPLATE, or the model's chat template translated.
+
+    The translation is attempted whenever there is a chat template, for its end-of-turn stop.
+    """
+    jinja, where = find_chat_template(source) if source.gguf is not None else (None, None)
+    translation, reason = None, None
+    if jinja:
+        try:
+            translation = translate_for(source, jinja)
+        except Untranslatable as exc:
+            reason = str(exc)
+    if opts.template_file is not None:
+        return _read_text_file(opts.template_file, "--template"), f"--template {opts.template_file}", translation
+    if mfile.get(user, "template") is not None:
+        return mfile.get(user, "template"), "--modelfile", translation
+    if translation is not None:
+        warnings += translation.warnings
+        return translation.template, f"translated from the chat template in {where}", translation
+    if jinja:
+        raise BpError("OLLAMA_TEMPLATE_UNSUPPORTED", f"the chat template in {where} cannot be translated: {reason}",
+                      hint="pass --template FILE with a Go template (see docs/export.md)",
+                      details={"reason": reason})
+    if source.is_adapter:
+        warnings.append("no chat template found for the adapter; the base model's TEMPLATE is kept")
+    elif source.gguf is not None:
+        chain = " or the model directories of its manifest chain" if source.chain else ""
+        raise BpError("CONFIG_NO_CHAT_TEMPLATE", f"no chat template in {source.gguf.name}{chain}",
+                      hint="use an instruct model, or pass --template FILE with a Go template")
+    return None, None, None
+
+
+def _parameters(source: Source, opts: Options, user: list[mfile.Command],
+                translation: Translation | None) -> tuple[list[mfile.Command], str | None]:
+    """PARAMETER stop, num_ctx, temperature, then the user's other parameters in their order."""
+    user_params = [(n, a) for n, a in user if n in mfile.PARAMETER_TYPES or n in mfile.DEPRECATED_PARAMETERS]
+    derived_stops = stop_strings(source, translation.end_of_turn if translation else None) \
+        if source.gguf is not None else []
+    stops: list[str] = []
+    for s in ([a for n, a in user_params if n == "stop"] or derived_stops) + list(opts.stops):
+        if s not in stops:
+            stops.append(s)
+    params: list[mfile.Command] = [("stop", s) for s in stops]
+    num_ctx_source = None
+    if opts.num_ctx is not None:
+        params.append(("num_ctx", str(opts.num_ctx)))
+        num_ctx_source = "--num-ctx"
+    elif mfile.get(user, "num_ctx") is not None:
+        params.append(("num_ctx", mfile.get(user, "num_ctx")))
+        num_ctx_source = "--modelfile"
+    elif source.gguf is not None:
+        n, num_ctx_source = default_num_ctx(source)
+        params.append(("num_ctx", str(n)))
+    if opts.temperature is not None:
+        params.append(("temperature", _number(opts.temperature)))
+    elif mfile.get(user, "temperature") is not None:
+        params.append(("temperature", mfile.get(user, "temperature")))
+    elif source.gguf is not None:
+        params.append(("temperature", _number(DEFAULT_TEMPERATURE)))
+    params += [(n, a) for n, a in user_params if n not in ("stop", "num_ctx", "temperature")]
+    return params, num_ctx_source
+
+
+def _texts(source: Source, opts: Options, user: list[mfile.Command]) -> list[mfile.Command]:
+    """SYSTEM, LICENSE, MESSAGE and the user's RENDERER / PARSER / REQUIRES."""
+    out: list[mfile.Command] = []
+    system = opts.system if opts.system is not None else mfile.get(user, "system")
+    if system:
+        out.append(("system", system))
+    if opts.license_file is not None:
+        out.append(("license", _read_text_file(opts.license_file, "--license")))
+    elif any(n == "license" for n, _ in user):
+        out += [(n, a) for n, a in user if n == "license"]
+    elif source.meta is not None and source.meta.license:
+        out.append(("license", source.meta.license))
+    out += [(n, a) for n, a in user if n in ("message", "renderer", "parser", "requires")]
+    return out
 
 
 def _number(v: float) -> str:

@@ -23,6 +23,7 @@ class Source:
     entry: dict | None = None                # the gguf manifest's files[] entry
     chain: list[mf.Manifest] = field(default_factory=list)
     modelfile: Path | None = None            # an ollama manifest's Modelfile (from `bp-ollama modelfile -o`)
+    modelfile_text: str | None = None        # or its text (from `bp-ollama modelfile` without -o)
 
     @property
     def is_adapter(self) -> bool:
@@ -34,6 +35,8 @@ class Source:
     def describe(self) -> str:
         if self.modelfile is not None:
             return str(self.modelfile)
+        if self.modelfile_text is not None:
+            return "the Modelfile text of an ollama manifest"
         return str(self.gguf) if self.gguf else "(none)"
 
 
@@ -101,7 +104,9 @@ def _from_manifest(m: mf.Manifest, quant: str | None) -> Source:
     if m.kind == "ollama":
         rel = m.get("modelfile")
         if not rel:
-            raise BpError("INPUT_MANIFEST_INVALID", "the ollama manifest names no Modelfile",
+            if isinstance(m.get("text"), str):
+                return Source(manifest=m, chain=mf.chain(m), modelfile_text=m["text"])
+            raise BpError("INPUT_MANIFEST_INVALID", "the ollama manifest holds no Modelfile",
                           hint="write one with bp-ollama modelfile -o DIR")
         path = m.path(rel)
         if not path.is_file():
@@ -219,14 +224,20 @@ class Inputs:
 
 def read_inputs(arg: str | None, quant: str | None, modelfile: str | None) -> Inputs:
     """The input (manifest, GGUF, or the output of `bp-ollama modelfile`) and the user's --modelfile."""
-    from .modelfile import read_modelfile
+    from .modelfile import ModelfileError, parse_modelfile, read_modelfile
     user, user_dir = [], None
     if modelfile:
         user, user_dir = read_modelfile(modelfile), Path(modelfile).resolve().parent
     source = resolve_source(arg, quant, optional=bool(modelfile))
-    if source is not None and source.modelfile is not None:  # an ollama manifest: its Modelfile
-        if modelfile:
+    if source is not None and (source.modelfile is not None or source.modelfile_text is not None):
+        if modelfile:  # an ollama manifest: its Modelfile is the user's Modelfile
             raise BpError("CONFIG_INVALID_SETTING", "the input is an ollama manifest with its own Modelfile; "
                           "pass either it or --modelfile, not both")
-        return Inputs(None, read_modelfile(source.modelfile), source.modelfile.parent, source)
+        if source.modelfile is not None:
+            return Inputs(None, read_modelfile(source.modelfile), source.modelfile.parent, source)
+        try:
+            commands = parse_modelfile(source.modelfile_text)
+        except ModelfileError as exc:
+            raise BpError("INPUT_MANIFEST_INVALID", f"the ollama manifest's Modelfile text: {exc}") from None
+        return Inputs(None, commands, Path.cwd(), source)
     return Inputs(source, user, user_dir, source)
