@@ -323,3 +323,11 @@ def test_output_directories_are_not_overwritten_by_other_results(ollama_server, 
     assert (reg / "Modelfile").read_text().count("PARAMETER stop") == 2
     rc, env, _ = bp(capsys, "create", "other", chatml.manifest, "-o", reg, "--host", ollama_server.url)
     assert rc == 73 and "other:latest" not in ollama_server.models
+
+
+def test_something_else_at_the_address_is_not_taken_for_ollama(ollama_server, capsys):
+    # Under a path prefix the test server answers "404 page not found" as plain text, like any web server.
+    rc, env, _ = bp(capsys, "list", "--host", ollama_server.url + "/not-ollama")
+    assert rc == 69 and env["code"] == "OLLAMA_SERVER_ERROR" and "is it an Ollama server?" in env["message"]
+    rc, env, _ = bp(capsys, "show", "demo", "--host", ollama_server.url)
+    assert rc == 66 and env["code"] == "OLLAMA_NOT_FOUND"  # Ollama's own 404 {"error"} is a missing model

@@ -36,7 +36,8 @@ def _add_host(p) -> None:
                    help=_said("Ollama server URL; when not given: $BACKPROPAGATE_OLLAMA_HOST, then $OLLAMA_HOST, "
                               "then http://127.0.0.1:11434"))
     p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds to wait for an answer once connected (creating a big model takes a while)")
+                   help="seconds to wait for the server: to connect (at most 5), and for each answer "
+                        "(creating a big model takes a while)")
 
 
 def _add_modelfile_options(p) -> None:

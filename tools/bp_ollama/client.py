@@ -90,7 +90,7 @@ class OllamaClient:
                  retries: int = 3, backoff_s: float = 0.25):
         self.host = host if isinstance(host, Host) else parse_host(host)
         self.timeout = timeout
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = min(connect_timeout, timeout)
         self.retries = max(1, retries)
         self.backoff_s = backoff_s
 
@@ -157,7 +157,12 @@ class OllamaClient:
                           "is it an Ollama server?") from None
 
     def _http_error(self, status: int, data: bytes, what: str, create: bool = False) -> BpError:
-        message = error_message(data) or f"HTTP {status}"
+        message = ollama_error(data)
+        if message is None:  # not Ollama's {"error": ...}: something else answers at this address
+            text = error_message(data)
+            return BpError("OLLAMA_SERVER_ERROR", f"{what}: {self.host.url} answered HTTP {status} without "
+                           f"Ollama's error object{': ' + text if text else ''}; is it an Ollama server?",
+                           details={"status": status, "host": self.host.url})
         details = {"status": status, "host": self.host.url, "ollama_error": message}
         if status == 404:
             return BpError("OLLAMA_NOT_FOUND", f"{what}: {message}", details=details)
@@ -252,6 +257,15 @@ class OllamaClient:
 
     def delete(self, name: str) -> None:
         self._json("DELETE", "/api/delete", {"model": name}, expect_body=False)
+
+
+def ollama_error(data: bytes) -> str | None:
+    """The message of Ollama's {"error": "..."} body, or None when the body is something else."""
+    try:
+        obj = json.loads(data.decode("utf-8", errors="replace"))
+    except ValueError:
+        return None
+    return obj["error"] if isinstance(obj, dict) and isinstance(obj.get("error"), str) else None
 
 
 def error_message(data: bytes) -> str:
