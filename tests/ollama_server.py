@@ -35,6 +35,7 @@ import hashlib
 import json
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -612,12 +613,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     server = OllamaTestServer(a.root, a.port)
     print(f"serving Ollama's API at {server.url}", file=sys.stderr)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+        if server._own_root:
+            shutil.rmtree(server.root, ignore_errors=True)
     return 0
 
 
