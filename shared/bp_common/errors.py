@@ -177,6 +177,8 @@ CATALOG: dict[str, CodeInfo] = {
     "OLLAMA_NOT_FOUND": _c(66, "no such model in Ollama", "list models with bp-ollama list"),
     "OLLAMA_TEMPLATE_UNSUPPORTED": _c(65, "the chat template could not be translated to an Ollama TEMPLATE",
                                       "pass --template FILE with a Go template"),
+    "OLLAMA_SERVER_ERROR": _c(69, "the Ollama server answered with an error, or not as Ollama does",
+                              "read Ollama's message; check --host points at an Ollama server", retryable=True),
     # --- EVAL -----------------------------------------------------------------------------------
     "EVAL_REGRESSED": _c(65, "the candidate is worse than the baseline beyond the allowed margin",
                          "keep the baseline, or raise --max-regression"),
