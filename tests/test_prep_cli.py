@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,7 +84,9 @@ def test_pipeline_run_rerun_and_report(run_tool, tiny_llama, tmp_path):
     assert rep.rc == 0 and rep.json["kind"] == "report"
     assert rep.json["report"]["verdict"] == m["verdict"] and rep.json["inputs"][0]["id"] == m["id"]
     # --report prints the table on stderr even in a pipe; stdout still carries one JSON object.
-    fresh = run_tool("bp-prep", "report", EXAMPLES[2], "--report", "--strict")
+    doubled = tmp_path / "doubled.jsonl"  # every row twice: the strict duplicate gate must trip
+    doubled.write_text(Path(EXAMPLES[2]).read_text() * 2)
+    fresh = run_tool("bp-prep", "report", doubled, "--report", "--strict")
     assert fresh.rc == 65 and fresh.json["code"] == "DATASET_GATE_FAILED"
     assert "dataset report: FAIL" in fresh.stderr and "duplicate_rate" in fresh.stderr
 

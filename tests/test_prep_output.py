@@ -38,7 +38,9 @@ def test_manifest_carries_what_downstream_tools_read(prepared, tiny_llama):
     held = [orjson.loads(x) for x in (out / "heldout.jsonl").read_bytes().splitlines()]
     assert m["rows"]["kept"] == len(train) + len(held) and m["rows"]["train"] == len(train)
     assert m["rows"]["read"] == 400 == m["rows"]["kept"] + sum(m["rows"]["dropped"].values())
-    assert m["duplicates"]["exact"] == m["rows"]["dropped"]["exact_duplicate"] > 0
+    dropped = m["rows"]["dropped"]
+    assert m["duplicates"]["exact"] == dropped.get("exact_duplicate", 0)
+    assert m["duplicates"]["near"] == dropped.get("near_duplicate", 0) > 0
     lengths = sorted(r["n_tokens"] for r in train + held)
     assert m["lengths"]["max"] == lengths[-1] and m["lengths"]["p50"] == lengths[(len(lengths) + 1) // 2 - 1]
     assert all(set(r) == {"messages", "n_tokens"} for r in train)
