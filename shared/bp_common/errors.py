@@ -233,10 +233,17 @@ class UpstreamFailure(Exception):
         self.exit_code = code if isinstance(code, int) and 0 < code < 256 else EXIT_SOFTWARE
 
 
-def from_os_error(exc: OSError, what: str) -> BpError:
-    """Map an OSError to the catalog code a user can act on."""
+def from_os_error(exc: OSError, what: str, output: bool = False) -> BpError:
+    """Map an OSError to the catalog code a user can act on.
+
+    output=True when the failing operation was creating or writing an output: then a path
+    that cannot be a directory or file there (a file in the way, a missing parent) is
+    RUNTIME_OUTPUT_UNWRITABLE rather than an input or I/O problem.
+    """
     import errno
     e = exc.errno
+    if output and e in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG):
+        return BpError("RUNTIME_OUTPUT_UNWRITABLE", f"{what}: {exc.strerror or exc}")
     if isinstance(exc, FileNotFoundError):
         return BpError("INPUT_NOT_FOUND", f"{what}: {exc.strerror or exc}: {exc.filename}")
     if e == errno.ENOSPC or e == getattr(errno, "EDQUOT", -1):

@@ -57,7 +57,7 @@ def atomic_write(path: Path | str, data: bytes | str | Callable[[object], None],
     except OSError as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise from_os_error(exc, f"writing {path}") from exc
+        raise from_os_error(exc, f"writing {path}", output=True) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -80,7 +80,7 @@ def atomic_dir(final: Path | str, replace: bool = False) -> Iterator[Path]:
     try:
         tmp.mkdir(parents=True)
     except OSError as exc:
-        raise from_os_error(exc, f"creating {tmp}") from exc
+        raise from_os_error(exc, f"creating {tmp}", output=True) from exc
     try:
         yield tmp
         for root, _dirs, files in os.walk(tmp):
@@ -99,7 +99,7 @@ def atomic_dir(final: Path | str, replace: bool = False) -> Iterator[Path]:
         fsync_dir(final.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise from_os_error(exc, f"writing {final}") from exc
+        raise from_os_error(exc, f"writing {final}", output=True) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -150,12 +150,12 @@ class OutputLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise from_os_error(exc, f"creating {self.path.parent}") from exc
+            raise from_os_error(exc, f"creating {self.path.parent}", output=True) from exc
         for _ in range(10):
             try:
                 fd = os.open(str(self.path), os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise from_os_error(exc, f"opening lock {self.path}") from exc
+                raise from_os_error(exc, f"opening lock {self.path}", output=True) from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

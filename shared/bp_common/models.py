@@ -136,7 +136,18 @@ def check_remote_code(config: dict, trust_remote_code: bool, ref: str) -> None:
 
 
 def load_tokenizer(model_dir: Path | str, trust_remote_code: bool = False):
+    """AutoTokenizer from a resolved directory; a tokenizer that ships its own code is refused
+    (INPUT_REMOTE_CODE_REFUSED) unless trust_remote_code."""
     from transformers import AutoTokenizer
+    tok_cfg = Path(model_dir) / "tokenizer_config.json"
+    if not trust_remote_code and tok_cfg.is_file():
+        try:
+            auto_map = json.loads(tok_cfg.read_text(encoding="utf-8")).get("auto_map")
+        except (OSError, ValueError):
+            auto_map = None
+        if auto_map:
+            raise BpError("INPUT_REMOTE_CODE_REFUSED",
+                          f"{model_dir}: the tokenizer names custom code (auto_map in tokenizer_config.json)")
     try:
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
