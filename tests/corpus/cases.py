@@ -227,6 +227,18 @@ CASES: list[Case] = [
     Case("merge-upstream-error", "bp-merge", ["-o", "{out}"], "DATASET_EMPTY",
          stdin=json.dumps({"schema_version": 1, "kind": "error", "code": "DATASET_EMPTY", "message": "m",
                            "hint": "h", "retryable": False, "exit_code": 65, "tool": "bp-prep", "details": {}})),
+    # ---- bp-vram: models and plans ---------------------------------------------------------------
+    Case("vram-unknown-architecture", "bp-vram", ["{dir}"], "INPUT_INVALID",
+         write("config.json", '{"model_type": "gpt_neox", "hidden_size": 64}')),
+    Case("vram-config-not-json", "bp-vram", ["{dir}"], "INPUT_INVALID", write("config.json", "{not json")),
+    Case("vram-config-missing-fields", "bp-vram", ["{dir}"], "INPUT_INVALID",
+         write("config.json", '{"model_type": "llama", "hidden_size": 64}')),
+    Case("vram-missing-model", "bp-vram", ["{dir}/nothing"], "INPUT_NOT_FOUND"),
+    Case("vram-negative-vram", "bp-vram", ["{model}", "--vram-gb", "-3"], "INPUT_USAGE"),
+    Case("vram-wrong-manifest-kind", "bp-vram", [], "INPUT_MANIFEST_KIND", stdin=manifest_text("gguf")),
+    Case("vram-dataset-without-model", "bp-vram", [], "INPUT_INVALID", stdin=manifest_text("dataset")),
+    Case("vram-full-with-orpo", "bp-vram", ["{model}", "--mode", "full", "--method", "orpo"],
+         "CONFIG_INVALID_SETTING"),
     # ---- bp-ollama: names, strings, servers ------------------------------------------------------
     Case("ollama-name-dotdot", "bp-ollama", ["create", "../evil", "{gguf}", "--host", "{dead}"],
          "INPUT_NAME_INVALID", needs=("gguf",)),

@@ -1,0 +1,1 @@
+"""bp-vram: memory plan before a single byte is loaded."""
