@@ -16,12 +16,7 @@ from bp_common.errors import BpError
 from bp_common.io import OutputLock, check_free_space
 from bp_common.manifest import reuse
 
-from .adapters import open_adapter
-from .base import open_base
-from .inputs import base_ref, parse_weights, read_sources
-from .merge import drop_unchanged_replacements, output_bytes, plan_merge
-from .result import TOOL, merge_fingerprint, publish
-from .shards import parse_size
+TOOL = "bp-merge"
 
 EPILOG = """examples:
   bp-train -o runs/a/adapter ... | bp-merge -o runs/a/merged
@@ -61,6 +56,13 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def run(args, ctx):
+    # The merge modules import numpy: only when there is work, so --help and --version stay fast.
+    from .adapters import open_adapter
+    from .base import open_base
+    from .inputs import base_ref, parse_weights, read_sources
+    from .merge import drop_unchanged_replacements, output_bytes, plan_merge
+    from .result import merge_fingerprint, publish
+    from .shards import parse_size
     sources, passthrough = read_sources(args.input, args.adapter, TOOL)
     if passthrough is not None:
         ctx.r.info("the input is already a full model (bp-train --mode full): nothing to merge, passing it on")

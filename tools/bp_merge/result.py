@@ -14,7 +14,7 @@ from .inputs import AdapterSource
 from .merge import MergePlan, write_weights
 from .modeldir import copy_tokenizer, tokenizer_source, write_config, write_generation_config, write_model_card
 
-TOOL = "bp-merge"
+from .cli import TOOL
 MODEL_DIR = "model"
 
 
