@@ -135,10 +135,10 @@ def encode_rows(tokenizer, rows: list[dict], *, mode: str | None, seq_len: int, 
             continue
         if len(ids) > seq_len:
             ids, labels = ids[:seq_len], labels[:seq_len]
-            out.truncated += 1
             if all(x == IGNORE_INDEX for x in labels[1:]):
                 out.dropped["no_loss_tokens_within_seq_len"] += 1
                 continue
+            out.truncated += 1
         out.examples.append({"input_ids": ids, "labels": labels})
         out.tokens += len(ids)
         out.label_tokens += sum(1 for x in labels[1:] if x != IGNORE_INDEX)

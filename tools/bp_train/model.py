@@ -91,7 +91,10 @@ def attach_adapter(model, hp, init_dir: Path | None = None):
     from peft import get_peft_model
     try:
         peft_model = get_peft_model(model, lora_config(hp, model))
-    except (ValueError, RuntimeError, ImportError) as exc:
+    except ImportError as exc:
+        raise BpError("DEP_MISSING", f"--init-lora-weights {hp.init_lora_weights} needs a package that is not "
+                      f"installed: {str(exc).splitlines()[0]}", hint="pip install scipy") from None
+    except (ValueError, RuntimeError) as exc:
         raise BpError("CONFIG_INVALID_SETTING", f"the adapter cannot be built on this model: "
                       f"{str(exc).splitlines()[0]}", hint="check --targets against the model's module names") from None
     if hp.init_lora_weights in ("pissa", "loftq") and init_dir is not None and not (

@@ -594,7 +594,8 @@ def heldout_loss(model, collator, examples: list[dict], batch_size: int) -> floa
                 batch = collator(examples[i:i + batch_size])
                 labels = batch.pop("labels").to(device)
                 inputs = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
-                logits = model(**inputs).logits.float()
+                # use_cache=False: with a cache, transformers ignores the sequence boundaries in position_ids
+                logits = model(**inputs, use_cache=False).logits.float()
                 target = labels[:, 1:]
                 mask = target != -100
                 if not mask.any():
