@@ -44,8 +44,9 @@ def straight(tmp_path_factory, tiny_llama):
 
 
 def config(out, tiny_llama, **kw):
-    return TrainConfig(output=str(out), data=str(prepared(str(tiny_llama))), steps=STEPS, lr=5e-3, save_steps=4,
-                       lora_dropout=0.1, log_steps=1, **kw)
+    settings = dict(steps=STEPS, lr=5e-3, save_steps=4, lora_dropout=0.1, log_steps=1)
+    settings.update(kw)
+    return TrainConfig(output=str(out), data=str(prepared(str(tiny_llama))), **settings)
 
 
 def test_sigkill_at_a_random_step_then_resume_latest_matches_an_uninterrupted_run(tmp_path, tiny_llama, straight):

@@ -17,17 +17,22 @@ from helpers.training import TRAIN_ANSWER, TRAIN_PROMPT, events_of, greedy_answe
 LR = 5e-3
 
 
-def halved(manifest) -> bool:
-    losses = [v for _s, v in manifest["loss_history"]]
+def halved(manifest, by_step: int | None = None) -> bool:
+    """The mean of the last ten logged losses (up to by_step) is at most half the mean of the first ten."""
+    losses = [v for s, v in manifest["loss_history"] if by_step is None or s <= by_step]
     return statistics.mean(losses[-10:]) <= 0.5 * statistics.mean(losses[:10])
+
+
+# The loss must halve within 200 steps; learning the answers word for word takes the tiny model longer.
+STEPS = 600
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory, tiny_llama):
     out = tmp_path_factory.mktemp("lora") / "adapter"
     events = []
-    cfg = TrainConfig(output=str(out), data=str(prepared(str(tiny_llama))), steps=200, lr=LR,
-                      lr_scheduler="constant", lora_dropout=0.0, save_steps=100, eval_steps=100, log_steps=20)
+    cfg = TrainConfig(output=str(out), data=str(prepared(str(tiny_llama))), steps=STEPS, lr=LR,
+                      lr_scheduler="constant", lora_dropout=0.0, save_steps=300, eval_steps=300, log_steps=20)
     from bp_common.progress import Reporter
     reporter = Reporter("bp-train", level="error", events_file=str(out.parent / "events.jsonl"))
     manifest = train(cfg, on_event=events.append, reporter=reporter)
@@ -37,7 +42,7 @@ def lora_run(tmp_path_factory, tiny_llama):
 
 def test_lora_loss_halves_and_the_adapter_answers_a_training_prompt(lora_run, tiny_llama):
     _cfg, m, _events, out = lora_run
-    assert m["steps"] == 200 and halved(m), m["loss_history"][:3] + m["loss_history"][-3:]
+    assert m["steps"] == STEPS and halved(m, by_step=200), m["loss_history"][:3] + m["loss_history"][-3:]
     assert greedy_answer(tiny_llama, out / "adapter", TRAIN_PROMPT) == TRAIN_ANSWER
 
 
@@ -46,7 +51,7 @@ def test_manifest_carries_what_downstream_tools_read(lora_run, tiny_llama):
     assert m["kind"] == "adapter" and m["adapter_dir"] == "adapter" and m["method"] == "sft"
     assert m["base_model"] == str(tiny_llama.resolve())
     assert m["base_model_digest"]["config"] and set(m["base_model_digest"]["weights"]) == {"model.safetensors"}
-    assert len(m["loss_history"]) == 100 and m["loss_history"][0][0] == 1 and m["loss_history"][-1][0] == 200
+    assert len(m["loss_history"]) == 100 and m["loss_history"][0][0] == 1 and m["loss_history"][-1][0] == STEPS
     assert m["final_loss"] == m["loss_history"][-1][1]
     hp = m["hyperparameters"]
     for key in ("mode", "method", "lora_r", "lora_alpha", "lr", "seq_len", "seed", "batch_size", "grad_accum",
@@ -64,19 +69,19 @@ def test_manifest_carries_what_downstream_tools_read(lora_run, tiny_llama):
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".partial"))]
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == m["base_model"]
     record = runs.find(out, m["run_id"])
-    assert record["status"] == "completed" and record["steps"] == 200 and record["config"]["lr"] == LR
+    assert record["status"] == "completed" and record["steps"] == STEPS and record["config"]["lr"] == LR
 
 
 def test_events_reach_the_callback_and_the_events_file_in_order(lora_run):
     _cfg, m, events, out = lora_run
-    names = [e["event"] for e in events]
+    names = [e["event"] for e in events if e["event"] != "log"]
     assert names[0] == "start" and names[-1] == "done"
     steps = [e["step"] for e in events if e["event"] == "step"]
-    assert steps == [1] + list(range(20, 201, 20))
-    assert [e["step"] for e in events if e["event"] == "save"] == [100, 200]
+    assert steps == [1] + list(range(20, STEPS + 1, 20))
+    assert [e["step"] for e in events if e["event"] == "save"] == [300, 600]
     evals = [e for e in events if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [100, 200] and evals[-1]["heldout_loss"] == m["heldout_loss"]
-    step = next(e for e in events if e["event"] == "step" and e["step"] == 200)
+    assert [e["step"] for e in evals] == [300, 600] and evals[-1]["heldout_loss"] == m["heldout_loss"]
+    step = next(e for e in events if e["event"] == "step" and e["step"] == STEPS)
     assert {"loss", "lr", "tokens_per_s", "eta_s", "tokens_seen"} <= set(step)
     from_file = [e for e in events_of(out.parent / "events.jsonl") if e["event"] != "log"]
     assert [(e["event"], e.get("step")) for e in from_file] == [(e["event"], e.get("step")) for e in events
@@ -111,7 +116,7 @@ def test_presets_really_set_the_adapter(tmp_path, tiny_llama, preset, r, alpha, 
     cfg = json.loads((tmp_path / preset / "adapter" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"]) == (r, alpha)
     if targets == "all-linear":
-        assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+        assert {t.rsplit(".", 1)[-1] for t in cfg["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                               "down_proj"}
     else:
         assert sorted(cfg["target_modules"]) == targets
