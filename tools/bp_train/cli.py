@@ -127,7 +127,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", metavar="DIR", default=None,
                    help="output directory: adapter/, checkpoints/, runs.json, manifest.json (required)")
     t.add_argument("--model", metavar="MODEL", default=None,
-                   help="base model: directory, hub id or preset name (default: the model the dataset was "
+                   help="base model: directory, hub id or preset name (none: the model the dataset was "
                         "prepared for)")
     t.add_argument("--method", choices=METHODS, default="sft", help="training method")
     t.add_argument("--mode", choices=MODES, default="lora",

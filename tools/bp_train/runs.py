@@ -124,7 +124,12 @@ def all_runs(where: Path) -> list[dict]:
 
 
 def find(where: Path, run_id: str) -> dict:
-    """The run with this id (or unambiguous id prefix) under `where`; STATE_RUN_NOT_FOUND otherwise."""
+    """The run with this id (or unambiguous id prefix, or `latest`) under `where`; STATE_RUN_NOT_FOUND otherwise."""
+    if run_id == "latest":
+        every = all_runs(where)
+        if not every:
+            raise BpError("STATE_RUN_NOT_FOUND", f"no runs under {where}", hint="start one with bp-train DATA -o DIR")
+        return every[-1]
     check_run_id(run_id)
     hits = [r for r in all_runs(where) if str(r.get("run_id", "")).startswith(run_id)]
     exact = [r for r in hits if r.get("run_id") == run_id]

@@ -140,6 +140,7 @@ def _train(cfg: TrainConfig, out: Path, r: Reporter, faults: Faults) -> Manifest
         check_fresh_start(out, cfg, r)
 
     tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    warn_if_prepared_for_another_tokenizer(src.dataset, model_dir, r)
     mode = None if (cfg.train_on_all or cfg.response_template) else chat.mask_mode(tok)
     if mode == "unavailable":
         r.warn("the chat template does not show where assistant turns are: loss covers every token "
@@ -206,6 +207,16 @@ def device_facts() -> DeviceFacts:
     info = detect()
     gb = min((g.total_gb for g in info.gpus), default=None)
     return DeviceFacts(kind=info.kind, gpu_gb=gb, bf16=info.bf16 if info.kind == "cuda" else False)
+
+
+def warn_if_prepared_for_another_tokenizer(dataset: dict, model_dir: Path, r: Reporter) -> None:
+    """Rows are re-rendered with this model's template, but bp-prep's lengths and verdict were not."""
+    from bp_common.models import tokenizer_digest
+    prepared_with = dataset.get("tokenizer_digest")
+    if prepared_with and prepared_with != tokenizer_digest(model_dir):
+        r.warn(f"the dataset was prepared with another tokenizer ({dataset.get('model')}): rows are rendered with "
+               f"this model's chat template, but bp-prep's token lengths and verdict do not apply; "
+               f"re-run bp-prep with --model {model_dir} to check them")
 
 
 def run_fingerprint(cfg: TrainConfig, src, model_dir: Path, base_ref: str) -> str:
