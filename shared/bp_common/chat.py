@@ -196,6 +196,63 @@ def tokenize_conversation(tokenizer, messages: list[dict], mode: str | None = No
     return _check(tokenizer, Encoded(list(ids), None, text, "unavailable"))
 
 
+IGNORE_INDEX = -100  # the label of a token that carries no loss (PyTorch's cross-entropy default)
+
+
+def marker_spans(text: str, response: str, instruction: str | None = None) -> list[tuple[int, int]]:
+    """Character spans of assistant text found by literal markers: from the end of each `response`
+    marker to the next `instruction` marker (or the end of the text)."""
+    spans, pos = [], 0
+    while response:
+        i = text.find(response, pos)
+        if i < 0:
+            break
+        start = i + len(response)
+        j = text.find(instruction, start) if instruction else -1
+        end = j if j >= 0 else len(text)
+        if end > start:
+            spans.append((start, end))
+        pos = max(end, start)
+    return spans
+
+
+def tokenize_with_markers(tokenizer, messages: list[dict], response_template: str,
+                          instruction_template: str | None = None, tools: list | None = None) -> Encoded:
+    """Render with the model's template and mark as assistant tokens the text after each
+    `response_template` up to the next `instruction_template` (for templates whose other modes fail)."""
+    text = render(tokenizer, messages, **({"tools": tools} if tools else {}))
+    ids, mask = _mask_from_spans(tokenizer, text, marker_spans(text, response_template, instruction_template))
+    return _check(tokenizer, Encoded(ids, mask, text, "markers"))
+
+
+def training_example(tokenizer, row: dict, mode: str | None = None, *, train_on_all: bool = False,
+                     response_template: str | None = None,
+                     instruction_template: str | None = None) -> tuple[list[int], list[int], Encoded | None]:
+    """(input_ids, labels, encoding) of one dataset row, as training and held-out evaluation score it.
+
+    row: `{"messages": [...], "tools"?: [...]}` (loss on assistant tokens) or `{"text": "..."}`
+    (loss on every token, EOS appended). Labels are the ids, with IGNORE_INDEX on tokens that
+    carry no loss. train_on_all puts loss on every token; response_template (and
+    instruction_template) locate assistant text by literal markers instead of `mode`. A mask
+    that cannot be found (mode "unavailable") means loss on every token. Raises ChatError when
+    the template refuses the row, KeyError when it has neither messages nor text.
+    """
+    if "messages" not in row:
+        ids = list(tokenizer(row["text"], add_special_tokens=True)["input_ids"])
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        return ids, list(ids), None
+    tools = row.get("tools")
+    if response_template:
+        enc = tokenize_with_markers(tokenizer, row["messages"], response_template, instruction_template, tools)
+    else:
+        enc = tokenize_conversation(tokenizer, row["messages"], mode, tools=tools)
+    if train_on_all or enc.assistant_mask is None:
+        return enc.input_ids, list(enc.input_ids), enc
+    labels = [i if m else IGNORE_INDEX for i, m in zip(enc.input_ids, enc.assistant_mask)]
+    return enc.input_ids, labels, enc
+
+
 def end_of_turn_token(tokenizer) -> str | None:
     """The special token that closes an assistant turn (e.g. <|im_end|>, <|eot_id|>, <end_of_turn>)."""
     cached = getattr(tokenizer, "_bp_eot", "unset")

@@ -326,9 +326,31 @@ def _default_summary(result: dict) -> str:
     return f"{kind} ok" + (f": {root}" if root else "")
 
 
-def entry(tool: str, get_parser: Callable[[], argparse.ArgumentParser], handler: Callable):
-    """Make the console-script `main()` for a tool."""
+def with_default_command(parser: argparse.ArgumentParser, argv: list[str], name: str) -> list[str]:
+    """argv with subcommand `name` put first when argv names none, so `tool ARGS` means `tool name ARGS`.
+
+    `--help` and `--version` alone keep the top-level parser (which lists the subcommands).
+    """
+    verbs = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            verbs |= set(action.choices)
+    if argv and (argv[0] in verbs or argv[0] in ("-h", "--help", "--version")):
+        return list(argv)
+    return [name] + list(argv)
+
+
+def entry(tool: str, get_parser: Callable[[], argparse.ArgumentParser], handler: Callable,
+          default_command: str | None = None):
+    """Make the console-script `main()` for a tool.
+
+    default_command: the subcommand run when the command line names none (git-style verbs
+    beside a main action, e.g. `bp-train -o out` = `bp-train train -o out`).
+    """
     def main(argv: list[str] | None = None) -> None:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if default_command is not None:
+            argv = with_default_command(get_parser(), argv, default_command)
         sys.exit(run_main(tool, get_parser, handler, argv))
     main.__doc__ = f"Entry point of {tool}."
     return main

@@ -1,0 +1,264 @@
+"""bp-train: supervised fine-tuning with LoRA, QLoRA or DoRA, resumable to the bit.
+
+`bp-train [train] INPUT -o DIR` trains; `runs`, `show`, `diff`, `replay` and `export-runs` read the
+run history. The work is in trainer.train(); this module parses and dispatches.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bp_common.cli import add_subparsers, entry, make_parser
+from bp_common.errors import BpError
+from bp_common.presets import LORA_PRESETS
+
+from .config import AUTO, BATCHING, DTYPES, INITS, METHODS, MODES, OPTIMIZERS, SCHEDULERS, TrainConfig
+
+TOOL = "bp-train"
+
+DESCRIPTION = """Supervised fine-tuning with LoRA, QLoRA (4-bit nf4) or DoRA, resumable to the bit.
+
+Reads a dataset manifest (bp-prep) or a vram manifest (bp-vram) on stdin or by path, or a dataset
+file with --model (prepared in-process exactly as bp-prep would), trains on the assistant tokens,
+and writes OUTPUT/adapter/ (PEFT safetensors, tokenizer, chat template), OUTPUT/checkpoints/ and
+OUTPUT/runs.json. The adapter manifest goes to stdout. Settings left at auto are chosen from the
+method, the dataset size, the presets and the device, and printed.
+
+Without a subcommand bp-train trains; `runs`, `show`, `diff`, `replay` and `export-runs` read the
+run history."""
+
+EPILOG = """examples:
+  bp-prep data.jsonl --model ./base -o runs/a/data | bp-train -o runs/a/adapter --steps 200
+  bp-train runs/a/data -o runs/a/adapter --preset quality --mode qlora
+  bp-train data.jsonl --model qwen2.5-7b -o runs/b --events runs/b.events.jsonl --log-format json
+  bp-train -o runs/a/adapter --resume latest          # after a crash, a kill or a reboot
+  bp-train runs -o runs/ ; bp-train show 3fa2c1 -o runs/ ; bp-train diff 3fa2c1 9b0e77 -o runs/
+exit codes: 0 ok; 64 bad setting; 65 bad data or the loss diverged; 66 input or run not found;
+  73 output holds other results (--force); 75 output locked; 130/143 stopped by SIGINT/SIGTERM
+  after a checkpoint; 137 out of memory"""
+
+
+def _auto(kind):
+    def parse(text: str):
+        if str(text).strip().lower() == AUTO:
+            return AUTO
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return v
+    parse.__name__ = f"{kind.__name__}_or_auto"
+    return parse
+
+
+def _nonneg(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _warmup(text: str):
+    if str(text).strip().lower() == AUTO:
+        return AUTO
+    return _nonneg(int)(text)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = make_parser(TOOL, DESCRIPTION, EPILOG)
+    sub = add_subparsers(p, TOOL, title="commands", metavar="COMMAND")
+    add_train_parser(sub)
+
+    q = sub.add_parser("runs", help="list runs (JSON on stdout; a table on a terminal)",
+                       description="List the runs recorded in OUTPUT/runs.json and in histories below it.")
+    q.add_argument("-o", "--output", metavar="DIR", default=".", help="output directory, or a directory above several")
+    q.add_argument("--status", choices=("running", "completed", "interrupted", "failed"), default=None,
+                   help="only runs with this status")
+    q.add_argument("--limit", type=_nonneg(int), default=0, metavar="N", help="only the newest N runs (0: all)")
+
+    s = sub.add_parser("show", help="one run's full record",
+                       description="Print one run's record: settings, hyperparameters, loss history, checkpoint.")
+    s.add_argument("run_id", metavar="RUN_ID", help="run id, or an unambiguous prefix of one")
+    s.add_argument("-o", "--output", metavar="DIR", default=".", help="where to look for the run history")
+
+    d = sub.add_parser("diff", help="what differs between two runs",
+                       description="Compare two runs: facts, dataset and every hyperparameter (hp.*).")
+    d.add_argument("run_a", metavar="RUN_A", help="first run id")
+    d.add_argument("run_b", metavar="RUN_B", help="second run id")
+    d.add_argument("-o", "--output", metavar="DIR", default=".", help="where to look for the run histories")
+
+    r = sub.add_parser("replay", help="train again with a run's settings, changing some",
+                       description="Start a new run with the recorded settings of RUN_ID and its dataset; "
+                                   "--set key=value changes a setting (keys are the long flag names with _).")
+    r.add_argument("run_id", metavar="RUN_ID", help="run id, or an unambiguous prefix of one")
+    r.add_argument("-o", "--output", metavar="DIR", default=".", help="where to look for the run history")
+    r.add_argument("--to", metavar="DIR", default=None,
+                   help="output directory of the new run (default: the original run's output, which then "
+                        "needs --force when a setting changed)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="change a setting, e.g. --set lr=1e-4 --set steps=500; repeatable")
+    r.add_argument("--force", action="store_true", default=False, help="replace what the output directory holds")
+    r.add_argument("--events", metavar="FILE", default=None, help="also append every event to FILE (JSON lines)")
+
+    e = sub.add_parser("export-runs", help="write run records as JSON lines",
+                       description="Write every run record under DIR to a JSON-lines file (one run per line); "
+                                   "the report on stdout says where and how many.")
+    e.add_argument("-o", "--output", metavar="DIR", default=".", help="where to look for run histories")
+    e.add_argument("--to", metavar="FILE", default=None, help="file to write (default: DIR/runs.jsonl)")
+    e.add_argument("--status", choices=("running", "completed", "interrupted", "failed"), default=None,
+                   help="only runs with this status")
+    return p
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    t = sub.add_parser("train", help="train an adapter (the default command)", description=DESCRIPTION,
+                       epilog=EPILOG)
+    t.add_argument("input", nargs="?", default=None,
+                   help="dataset or vram manifest, a directory holding one, or a dataset file (with --model); "
+                        "'-' or nothing reads a manifest from stdin")
+    t.add_argument("-o", "--output", metavar="DIR", default=None,
+                   help="output directory: adapter/, checkpoints/, runs.json, manifest.json (required)")
+    t.add_argument("--model", metavar="MODEL", default=None,
+                   help="base model: directory, hub id or preset name (none: the model the dataset was "
+                        "prepared for)")
+    t.add_argument("--method", choices=METHODS, default="sft", help="training method")
+    t.add_argument("--mode", choices=MODES, default="lora",
+                   help="lora: adapter on the full-precision base; qlora: on a 4-bit nf4 base (CPU too)")
+    t.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and dropout")
+    t.add_argument("--force", action="store_true", default=False,
+                   help="start over even if OUTPUT holds this result, another result or an unfinished run")
+    t.add_argument("--allow-pickle", action="store_true", default=False,
+                   help="load pickle (.bin) base weights (with weights_only); only for trusted files")
+    t.add_argument("--trust-remote-code", action="store_true", default=False,
+                   help="run model code from the base's repository")
+    t.add_argument("--events", metavar="FILE", default=None,
+                   help="also append every event (start, step, eval, save, oom, done, error) to FILE as JSON lines")
+
+    g = t.add_argument_group("adapter")
+    g.add_argument("--preset", choices=tuple(LORA_PRESETS), default=None,
+                   help="LoRA preset: sets rank, alpha, targets and a learning-rate multiplier "
+                        "(docs/presets.md); explicit flags win")
+    g.add_argument("--lora-r", type=_auto(int), default=AUTO, metavar="R",
+                   help="LoRA rank (auto: --preset, the model preset, else 16)")
+    g.add_argument("--lora-alpha", type=_auto(float), default=AUTO, metavar="A",
+                   help="LoRA alpha (auto: --preset or model preset, else 2 x rank)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, metavar="P", help="dropout on the LoRA input")
+    g.add_argument("--targets", default=AUTO, metavar="NAMES",
+                   help="all-linear, or module names separated by commas, e.g. q_proj,v_proj (auto: --preset, "
+                        "else all-linear); an output head named here is trained in full")
+    g.add_argument("--dora", action="store_true", default=False, help="weight-decomposed LoRA (DoRA)")
+    g.add_argument("--rslora", action="store_true", default=False, help="rank-stabilised scaling alpha/sqrt(r)")
+    g.add_argument("--init-lora-weights", choices=INITS, default="default",
+                   help="adapter initialisation; pissa and loftq are saved converted to plain LoRA")
+
+    g = t.add_argument_group("schedule")
+    g.add_argument("--steps", type=_nonneg(int), default=0, metavar="N",
+                   help="optimizer steps (0: --epochs over the data)")
+    g.add_argument("--epochs", type=float, default=1.0, metavar="E", help="passes over the data when --steps is 0")
+    g.add_argument("--lr", type=_auto(float), default=AUTO, metavar="LR",
+                   help="peak learning rate (auto: by method and dataset size, times the --preset multiplier)")
+    g.add_argument("--warmup-steps", type=_warmup, default=AUTO, metavar="N",
+                   help="linear warmup steps (auto: 15%%, 10%% or 5%% of the steps by dataset size)")
+    g.add_argument("--lr-scheduler", choices=SCHEDULERS, default="cosine", help="learning-rate schedule")
+    g.add_argument("--weight-decay", type=_nonneg(float), default=0.0, metavar="W", help="AdamW weight decay")
+    g.add_argument("--max-grad-norm", type=_nonneg(float), default=1.0, metavar="N",
+                   help="gradient clipping norm (0: off)")
+
+    g = t.add_argument_group("batches and memory")
+    g.add_argument("--seq-len", type=_auto(int), default=AUTO, metavar="N",
+                   help="longest example in tokens; longer rows are truncated (auto: model preset, else the "
+                        "model's context capped at 2048)")
+    g.add_argument("--batch-size", type=_auto(int), default=AUTO, metavar="N",
+                   help="examples per micro-batch (auto: a bp-vram plan, else the VRAM tier, 8 on CPU)")
+    g.add_argument("--grad-accum", type=_auto(int), default=AUTO, metavar="N",
+                   help="micro-batches per optimizer step (auto: the plan, else up to an effective batch of 8)")
+    g.add_argument("--batching", choices=BATCHING, default="padding-free",
+                   help="padding-free: a batch is one flattened sequence, no attention across examples; packed: "
+                        "examples packed into --seq-len rows; length-grouped: similar lengths share a padded "
+                        "batch; padded: random padded batches")
+    g.add_argument("--optim", choices=(AUTO,) + OPTIMIZERS, default=AUTO,
+                   help="optimizer (auto: paged 8-bit AdamW on GPUs below 24 GB, fused AdamW above, AdamW on CPU)")
+    g.add_argument("--dtype", choices=(AUTO,) + DTYPES, default=AUTO,
+                   help="training precision (auto: bf16 where the GPU has it, else f16; f32 on CPU)")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=False,
+                   help="recompute activations in the backward pass: less memory, about 20-30%% slower")
+
+    g = t.add_argument_group("loss")
+    g.add_argument("--train-on-all", action="store_true", default=False,
+                   help="loss on every token, not only the assistant's")
+    g.add_argument("--response-template", metavar="TEXT", default=None,
+                   help="text that starts an assistant turn in the rendered chat; loss runs from after it to "
+                        "the next --instruction-template (for templates the automatic masks cannot read)")
+    g.add_argument("--instruction-template", metavar="TEXT", default=None,
+                   help="text that starts a user turn (ends the loss span of --response-template)")
+
+    g = t.add_argument_group("checkpoints and progress")
+    g.add_argument("--save-steps", type=_nonneg(int), default=100, metavar="N",
+                   help="checkpoint every N steps (0: only when stopped by a signal and at the end)")
+    g.add_argument("--keep-checkpoints", type=_nonneg(int), default=2, metavar="N",
+                   help="checkpoints kept (the newest); 0 deletes them once the run completes")
+    g.add_argument("--resume", metavar="RUN_ID", default=None,
+                   help="continue a run from its newest checkpoint: a run id, latest, or auto (latest if there "
+                        "is an unfinished run, else a fresh start)")
+    g.add_argument("--eval-steps", type=_nonneg(int), default=0, metavar="N",
+                   help="held-out loss every N steps (0: only at the end; needs a held-out split)")
+    g.add_argument("--log-steps", type=_auto(int), default=10, metavar="N",
+                   help="a step event every N steps (the loss history keeps every step)")
+    return t
+
+
+def config_from_args(args) -> TrainConfig:
+    if not args.output:
+        raise BpError("INPUT_USAGE", "bp-train needs -o/--output DIR", hint="bp-train runs/a/data -o runs/a/adapter")
+    return TrainConfig(
+        output=args.output, data=args.input, model=args.model, method=args.method, mode=args.mode,
+        preset=args.preset, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        targets=args.targets, dora=args.dora, rslora=args.rslora, init_lora_weights=args.init_lora_weights,
+        seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        warmup_steps=args.warmup_steps, lr_scheduler=args.lr_scheduler, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, steps=args.steps, epochs=args.epochs, seed=args.seed, optim=args.optim,
+        dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing, batching=args.batching,
+        train_on_all=args.train_on_all, response_template=args.response_template,
+        instruction_template=args.instruction_template, save_steps=args.save_steps,
+        keep_checkpoints=args.keep_checkpoints, eval_steps=args.eval_steps,
+        log_steps=args.log_steps if args.log_steps != AUTO else 10, resume=args.resume, force=args.force,
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+
+
+def run(args, ctx):
+    if args.command == "train":
+        from .trainer import train
+        manifest = train(config_from_args(args), reporter=ctx.r)
+        ctx.summary(f"adapter: {Path(manifest['root']) / manifest['adapter_dir']} (run {manifest['run_id']}, "
+                    f"{manifest['steps']} steps, final loss {manifest['final_loss']:.4g})")
+        return manifest
+    from . import reports
+    where = Path(args.output)
+    if args.command == "runs":
+        m = reports.runs_report(where, status=args.status, limit=args.limit)
+        ctx.summary(reports.runs_table(m["runs"]))
+        return m
+    if args.command == "show":
+        return reports.show_report(where, args.run_id)
+    if args.command == "diff":
+        m = reports.diff_report(where, args.run_a, args.run_b)
+        ctx.summary(reports.diff_table(m))
+        return m
+    if args.command == "export-runs":
+        return reports.export_runs(where, Path(args.to) if args.to else where / "runs.jsonl", status=args.status)
+    if args.command == "replay":
+        from .trainer import train
+        cfg = reports.replay_config(where, args.run_id, args.overrides, to=args.to, force=args.force)
+        return train(cfg, reporter=ctx.r)
+    raise BpError("INPUT_USAGE", "no command given", hint="bp-train --help")
+
+
+main = entry(TOOL, get_parser, run, default_command="train")

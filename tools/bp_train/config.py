@@ -1,0 +1,355 @@
+"""What a training run was asked to do (TrainConfig) and what it will do (Hyperparameters).
+
+A setting left at "auto" (or None) is chosen here from the method, the dataset size, the
+presets and the device, and every such choice is recorded with its reason so the run prints
+it and the manifest keeps it. Explicit settings always win. No torch import here.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+from bp_common.errors import BpError
+from bp_common.presets import LORA_PRESETS, MODEL_PRESETS, ModelPreset
+
+AUTO = "auto"
+METHODS = ("sft",)
+MODES = ("lora", "qlora")
+INITS = ("default", "gaussian", "pissa", "loftq")
+BATCHING = ("padding-free", "length-grouped", "padded", "packed")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+DTYPES = ("bf16", "f16", "f32")
+RESUME_WORDS = ("latest", "auto")
+
+# Learning rate for LoRA SFT by number of training rows (the handbook's rule): small datasets
+# take larger steps. Warmup as a fraction of the optimizer steps, by the same size classes.
+LR_BY_ROWS = ((1_000, 5e-4), (10_000, 2e-4), (None, 1e-4))
+WARMUP_BY_ROWS = ((1_000, 0.15), (10_000, 0.10), (None, 0.05))
+DEFAULT_LORA = (16, 32, "all-linear")
+DEFAULT_SEQ_LEN = 2048
+# Batch size by GPU memory (GB), the handbook's tiers: the fallback when no estimate exists.
+BATCH_TIERS = ((48, 8), (32, 6), (24, 4), (16, 2), (12, 1), (0, 1))
+TIER_TOLERANCE_GB = 1.5
+CPU_BATCH = 8
+TARGET_EFFECTIVE_BATCH = 8
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run as the user gave it; "auto"/None means "choose for me".
+
+    This is what the run history records and what `bp-train replay` re-runs.
+    """
+    output: str
+    data: str | None = None            # dataset manifest (file/dir), vram manifest, or a dataset file
+    model: str | None = None           # base model; default: the one the dataset was rendered for
+    method: str = "sft"
+    mode: str = "lora"
+    preset: str | None = None          # LoRA preset name (bp_common.presets.LORA_PRESETS)
+    lora_r: int | str = AUTO
+    lora_alpha: float | str = AUTO
+    lora_dropout: float = 0.05
+    targets: str = AUTO                # "all-linear", or module names separated by commas
+    dora: bool = False
+    rslora: bool = False
+    init_lora_weights: str = "default"
+    seq_len: int | str = AUTO
+    batch_size: int | str = AUTO
+    grad_accum: int | str = AUTO
+    lr: float | str = AUTO
+    warmup_steps: int | str = AUTO
+    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    steps: int = 0                     # 0: run --epochs
+    epochs: float = 1.0
+    seed: int = 0
+    optim: str = AUTO
+    dtype: str = AUTO
+    gradient_checkpointing: bool = False
+    batching: str = "padding-free"
+    train_on_all: bool = False
+    response_template: str | None = None
+    instruction_template: str | None = None
+    save_steps: int = 100
+    keep_checkpoints: int = 2
+    eval_steps: int = 0
+    log_steps: int = 1
+    resume: str | None = None
+    force: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def check(self) -> None:
+        """Raise CONFIG_INVALID_SETTING for values or combinations no run could use."""
+        def bad(msg, hint=None):
+            raise BpError("CONFIG_INVALID_SETTING", msg, hint=hint)
+        if self.method not in METHODS:
+            bad(f"--method {self.method} is not available in this version (available: {', '.join(METHODS)})")
+        if self.mode not in MODES:
+            bad(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.preset is not None and self.preset not in LORA_PRESETS:
+            bad(f"--preset must be one of {', '.join(LORA_PRESETS)}, got {self.preset!r}")
+        if self.init_lora_weights not in INITS:
+            bad(f"--init-lora-weights must be one of {', '.join(INITS)}")
+        if self.init_lora_weights in ("pissa", "loftq") and self.mode == "qlora":
+            bad(f"--init-lora-weights {self.init_lora_weights} needs the full-precision base (--mode lora)",
+                hint="LoftQ quantises the base inside its initialisation; PiSSA rewrites the base weights")
+        if self.init_lora_weights in ("pissa", "loftq") and self.dora:
+            bad("--dora cannot be combined with PiSSA or LoftQ initialisation")
+        if self.batching not in BATCHING:
+            bad(f"--batching must be one of {', '.join(BATCHING)}")
+        if self.lr_scheduler not in SCHEDULERS:
+            bad(f"--lr-scheduler must be one of {', '.join(SCHEDULERS)}")
+        if self.optim != AUTO and self.optim not in OPTIMIZERS:
+            bad(f"--optim must be auto or one of {', '.join(OPTIMIZERS)}")
+        if self.dtype != AUTO and self.dtype not in DTYPES:
+            bad(f"--dtype must be auto or one of {', '.join(DTYPES)}")
+        for name in ("lora_r", "seq_len", "grad_accum"):
+            v = getattr(self, name)
+            if v != AUTO and (not isinstance(v, int) or v <= 0):
+                bad(f"--{name.replace('_', '-')} must be a positive integer or auto, got {v!r}")
+        if self.batch_size != AUTO and (not isinstance(self.batch_size, int) or self.batch_size <= 0):
+            bad(f"--batch-size must be a positive integer or auto, got {self.batch_size!r}")
+        if self.lora_alpha != AUTO and (not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0):
+            bad(f"--lora-alpha must be positive, got {self.lora_alpha!r}")
+        if self.lr != AUTO and (not isinstance(self.lr, (int, float)) or not 0 < self.lr < 1):
+            bad(f"--lr must be in (0, 1) or auto, got {self.lr!r}")
+        if self.warmup_steps != AUTO and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            bad(f"--warmup-steps must be >= 0 or auto, got {self.warmup_steps!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.steps < 0 or self.epochs <= 0:
+            bad("--steps must be >= 0 and --epochs > 0")
+        for name in ("save_steps", "keep_checkpoints", "eval_steps"):
+            if getattr(self, name) < 0:
+                bad(f"--{name.replace('_', '-')} must be >= 0")
+        if self.log_steps < 1:
+            bad("--log-steps must be >= 1")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            bad("--weight-decay and --max-grad-norm must be >= 0")
+        if self.instruction_template and not self.response_template:
+            bad("--instruction-template needs --response-template")
+        if self.train_on_all and self.response_template:
+            bad("--train-on-all and --response-template contradict each other")
+
+
+@dataclass
+class Choice:
+    """One setting chosen automatically, and why."""
+    name: str
+    value: object
+    reason: str
+
+
+@dataclass
+class Hyperparameters:
+    """The resolved settings a run trains with (all concrete), recorded in the manifest."""
+    method: str
+    mode: str
+    preset: str | None
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    targets: list[str] | str
+    dora: bool
+    rslora: bool
+    init_lora_weights: str
+    lr: float
+    lr_multiplier: float
+    lr_scheduler: str
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    seq_len: int
+    batch_size: int
+    grad_accum: int
+    max_steps: int
+    epochs: float
+    seed: int
+    optim: str
+    dtype: str
+    compute_dtype: str | None
+    gradient_checkpointing: bool
+    batching: str
+    loss_on: str
+    save_steps: int
+    chosen: list[Choice] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["chosen"] = {c["name"]: {"value": c["value"], "reason": c["reason"]} for c in d["chosen"]}
+        return d
+
+
+@dataclass
+class DeviceFacts:
+    """What the resolver needs to know about the machine (filled by the trainer from bp_common.device)."""
+    kind: str = "cpu"             # cuda, mps or cpu
+    gpu_gb: float | None = None   # memory of the smallest GPU
+    bf16: bool = False            # bf16 supported on the accelerator
+
+
+def parse_targets(text: str) -> list[str] | str:
+    """`all-linear` stays a string; `q_proj,v_proj` becomes a list."""
+    text = text.strip()
+    if text == "all-linear":
+        return text
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise BpError("CONFIG_INVALID_SETTING", "--targets is empty", hint="all-linear, or e.g. q_proj,v_proj")
+    for n in names:
+        if not n.replace("_", "").replace(".", "").isalnum():
+            raise BpError("CONFIG_INVALID_SETTING", f"--targets: {n!r} is not a module name")
+    return names
+
+
+def by_rows(table, rows: int):
+    for bound, value in table:
+        if bound is None or rows < bound:
+            return value
+    return table[-1][1]
+
+
+def batch_tier(gpu_gb: float) -> int:
+    """The handbook's batch size for a GPU of this size (with its 1.5 GB tolerance)."""
+    for floor, batch in BATCH_TIERS:
+        if gpu_gb + TIER_TOLERANCE_GB >= floor:
+            return batch
+    return 1
+
+
+def resolve(cfg: TrainConfig, *, train_rows: int, device: DeviceFacts, model_preset: ModelPreset | None = None,
+            max_positions: int | None = None, plan: dict | None = None) -> Hyperparameters:
+    """Turn a TrainConfig into concrete Hyperparameters for this dataset and device.
+
+    train_rows: rows in the training split (after dropping unusable rows); plan: a bp-vram
+    plan ({"batch_size", "grad_accum"}) used for any batch setting left at auto.
+    """
+    chosen: list[Choice] = []
+
+    def pick(name, value, reason):
+        chosen.append(Choice(name, value, reason))
+        return value
+
+    lora = LORA_PRESETS.get(cfg.preset) if cfg.preset else None
+    # rank, alpha, targets: flag > LoRA preset > model preset > default
+    if cfg.lora_r != AUTO:
+        r = cfg.lora_r
+    elif lora:
+        r = pick("lora_r", lora.lora_r, f"--preset {lora.name}")
+    elif model_preset:
+        r = pick("lora_r", model_preset.lora_r, f"model preset {model_preset.name}")
+    else:
+        r = pick("lora_r", DEFAULT_LORA[0], "default")
+    if cfg.lora_alpha != AUTO:
+        alpha = cfg.lora_alpha
+    elif lora and cfg.lora_r == AUTO:
+        alpha = pick("lora_alpha", lora.lora_alpha, f"--preset {lora.name}")
+    elif model_preset and cfg.lora_r == AUTO:
+        alpha = pick("lora_alpha", model_preset.alpha, f"model preset {model_preset.name}")
+    else:
+        alpha = pick("lora_alpha", 2 * r, "2 x rank")
+    if cfg.targets != AUTO:
+        targets = parse_targets(cfg.targets)
+    elif lora:
+        t = lora.targets
+        targets = pick("targets", t if isinstance(t, str) else list(t), f"--preset {lora.name}")
+    else:
+        targets = pick("targets", DEFAULT_LORA[2], "default")
+
+    # learning rate: the size rule, times the LoRA preset's multiplier
+    multiplier = lora.lr_multiplier if lora else 1.0
+    if cfg.lr != AUTO:
+        lr = float(cfg.lr)
+        multiplier = 1.0
+    else:
+        base = by_rows(LR_BY_ROWS, train_rows)
+        lr = pick("lr", base * multiplier,
+                  f"{cfg.method} {cfg.mode} with {train_rows} training rows: {base:g}"
+                  + (f" x {multiplier:g} (--preset {lora.name})" if multiplier != 1.0 else ""))
+
+    # sequence length: flag > model preset > the model's context, capped
+    if cfg.seq_len != AUTO:
+        seq_len = cfg.seq_len
+    elif model_preset:
+        seq_len = pick("seq_len", model_preset.seq_len, f"model preset {model_preset.name}")
+    else:
+        cap = min(DEFAULT_SEQ_LEN, max_positions) if max_positions else DEFAULT_SEQ_LEN
+        seq_len = pick("seq_len", cap, f"the model's context ({max_positions}) capped at {DEFAULT_SEQ_LEN}"
+                       if max_positions else "default")
+
+    # batch: flag > bp-vram plan > device tiers
+    if cfg.batch_size != AUTO:
+        batch = cfg.batch_size
+    elif plan and plan.get("batch_size"):
+        batch = pick("batch_size", int(plan["batch_size"]), "bp-vram plan")
+    elif device.kind == "cuda" and device.gpu_gb:
+        batch = pick("batch_size", batch_tier(device.gpu_gb), f"VRAM tier for {device.gpu_gb:.0f} GB")
+    else:
+        batch = pick("batch_size", CPU_BATCH, f"{device.kind} default")
+    if cfg.grad_accum != AUTO:
+        accum = cfg.grad_accum
+    elif plan and plan.get("grad_accum") and cfg.batch_size == AUTO:
+        accum = pick("grad_accum", int(plan["grad_accum"]), "bp-vram plan")
+    else:
+        accum = pick("grad_accum", max(1, TARGET_EFFECTIVE_BATCH // batch),
+                     f"effective batch {TARGET_EFFECTIVE_BATCH}")
+
+    steps_per_epoch = max(1, math.ceil(train_rows / (batch * accum)))
+    max_steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    if cfg.warmup_steps != AUTO:
+        warmup = cfg.warmup_steps
+    else:
+        frac = by_rows(WARMUP_BY_ROWS, train_rows)
+        warmup = pick("warmup_steps", max(1, round(frac * max_steps)),
+                      f"{frac:.0%} of {max_steps} steps ({train_rows} training rows)")
+
+    # device-dependent precision and optimizer
+    if cfg.dtype != AUTO:
+        dtype = cfg.dtype
+    elif device.kind == "cuda":
+        dtype = pick("dtype", "bf16" if device.bf16 else "f16", "GPU " + ("supports bf16" if device.bf16 else
+                                                                            "lacks bf16"))
+    else:
+        dtype = pick("dtype", "f32", f"{device.kind}: full precision")
+    compute = None
+    if cfg.mode == "qlora":
+        compute = dtype if device.kind == "cuda" else "f32"
+    if cfg.optim != AUTO:
+        optim = cfg.optim
+    elif device.kind == "cuda" and device.gpu_gb is not None and device.gpu_gb < 24:
+        optim = pick("optim", "paged_adamw_8bit", f"GPU below 24 GB ({device.gpu_gb:.0f} GB)")
+    elif device.kind == "cuda":
+        optim = pick("optim", "adamw_torch_fused", "GPU with 24 GB or more")
+    else:
+        optim = pick("optim", "adamw_torch", f"{device.kind}: plain AdamW")
+
+    if cfg.train_on_all:
+        loss_on = "all"
+    elif cfg.response_template:
+        loss_on = "markers"
+    else:
+        loss_on = "assistant"
+    return Hyperparameters(
+        method=cfg.method, mode=cfg.mode, preset=cfg.preset, lora_r=int(r), lora_alpha=float(alpha),
+        lora_dropout=cfg.lora_dropout, targets=targets, dora=cfg.dora, rslora=cfg.rslora,
+        init_lora_weights=cfg.init_lora_weights, lr=lr, lr_multiplier=multiplier, lr_scheduler=cfg.lr_scheduler,
+        warmup_steps=int(warmup), weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        seq_len=int(seq_len), batch_size=int(batch), grad_accum=int(accum), max_steps=int(max_steps),
+        epochs=cfg.epochs, seed=cfg.seed, optim=optim, dtype=dtype, compute_dtype=compute,
+        gradient_checkpointing=cfg.gradient_checkpointing, batching=cfg.batching, loss_on=loss_on,
+        save_steps=cfg.save_steps, chosen=chosen)
+
+
+def model_preset_of(ref: str | None) -> ModelPreset | None:
+    return MODEL_PRESETS.get(ref.lower()) if isinstance(ref, str) else None

@@ -1,0 +1,690 @@
+"""One training run, from a TrainConfig to an adapter and its manifest.
+
+    read the dataset -> resolve settings -> tokenize -> load base + adapter -> train (TRL
+    SFTTrainer, atomic checkpoints, events, graceful stop on SIGINT/SIGTERM) -> held-out loss
+    -> adapter/ + manifest.json + run history
+
+Python callers get the same events as the CLI through a callback:
+
+    from bp_train.config import TrainConfig
+    from bp_train.trainer import train
+    manifest = train(TrainConfig(output="runs/a/adapter", data="runs/a/data", steps=200),
+                     on_event=lambda ev: print(ev["event"], ev.get("step"), ev.get("loss")))
+
+The trainer class is built in make_trainer_class() so later methods (preference losses, full
+fine-tuning, multi-run) can subclass it; `Faults` is the seam tests use to fail at a chosen step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from bp_common.errors import BpError
+from bp_common.io import OutputLock, atomic_dir
+from bp_common.manifest import Manifest, fingerprint, read_manifest, reuse, write_manifest
+from bp_common.progress import Reporter
+
+from . import checkpoints, runs
+from .config import DeviceFacts, TrainConfig, model_preset_of, resolve
+from .dataset import DATA_DIR, dataset_summary, encode_rows, read_rows, read_source
+
+TOOL = "bp-train"
+ADAPTER_DIR = "adapter"
+# Settings that do not change what is trained: left out of the fingerprint, and free to change on resume.
+OPERATIONAL = ("output", "resume", "force", "save_steps", "keep_checkpoints", "eval_steps", "log_steps")
+
+
+@dataclass
+class Faults:
+    """Failures injected on purpose, at a 1-based optimizer step, exactly where the real ones happen.
+
+    oom_at_step: raise torch.OutOfMemoryError in the forward/backward of that step.
+    """
+    oom_at_step: int | None = None
+
+
+@dataclass
+class RunState:
+    """What the trainer hooks share with the run while it trains."""
+    run_id: str
+    output: Path
+    reporter: Reporter
+    max_steps: int
+    log_steps: int
+    keep_checkpoints: int
+    faults: Faults
+    history: list = field(default_factory=list)    # [[step, loss], ...] every step
+    step_loss: float = 0.0
+    step_tokens: int = 0
+    step_label_tokens: int = 0
+    tokens_seen: int = 0
+    tokens_at_start: int = 0
+    label_tokens_seen: int = 0
+    started: float = field(default_factory=time.monotonic)
+    first_step: int = 0
+    stop_signal: int | None = None
+    last_checkpoint: Path | None = None
+    on_save: Callable | None = None
+    eval_fn: Callable | None = None
+    eval_steps: int = 0
+    bar: object = None
+    elapsed_before: float = 0.0     # training time of earlier sessions of a resumed run
+    train_started: float | None = None
+
+    def elapsed(self) -> float:
+        now = time.monotonic() - self.train_started if self.train_started is not None else 0.0
+        return round(self.elapsed_before + now, 3)
+
+
+def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *, reporter: Reporter | None = None,
+          faults: Faults | None = None) -> Manifest:
+    """Run (or resume) one training run; returns the adapter manifest (also in <output>/manifest.json).
+
+    on_event receives every event as a dict ({"event": "step", "step": 10, "loss": ...}); see
+    docs/events.md. Raises BpError with a catalogued code on any expected failure, including
+    RUNTIME_INTERRUPTED / RUNTIME_TERMINATED after a checkpoint when a signal stopped the run.
+    """
+    r = reporter or Reporter(TOOL, level="warning")
+    if on_event is not None:
+        r.callback = on_event
+    config.check()
+    out = Path(config.output)
+    with OutputLock(out):
+        return _train(config, out, r, faults or Faults())
+
+
+def _train(cfg: TrainConfig, out: Path, r: Reporter, faults: Faults) -> Manifest:
+    from bp_common import chat
+    from bp_common.models import load_tokenizer, quiet_transformers, read_config, resolve_model
+
+    quiet_transformers()
+    silence_library_warnings()
+    resumed = resume_target(cfg, out, r)
+    if resumed is not None:
+        record, ckpt = resumed
+        cfg = config_for_resume(cfg, record, r)
+        src = read_source(record["data_ref"], model=None, output=out, seed=cfg.seed, reporter=r, tool=TOOL)
+        if src.dataset.get("id") != (record.get("dataset") or {}).get("id"):
+            raise BpError("STATE_CHECKPOINT_INVALID", f"the dataset of run {record['run_id']} changed since it "
+                          "started", hint="start a new run with --force, or restore the dataset")
+    else:
+        record, ckpt = None, None
+        src = read_source(cfg.data, model=cfg.model, output=out, seed=cfg.seed, reporter=r, tool=TOOL,
+                          trust_remote_code=cfg.trust_remote_code, force=cfg.force)
+
+    model_ref = cfg.model or src.dataset.get("model")
+    if not model_ref:
+        raise BpError("INPUT_USAGE", "the dataset manifest names no model (it was prepared without --model)",
+                      hint="pass --model")
+    model_dir = resolve_model(model_ref, allow_pickle=cfg.allow_pickle)
+    base_ref = str(model_dir) if Path(model_ref).expanduser().exists() else model_ref
+    device = device_facts()
+    train_rows = read_rows(src.dataset, "train")
+    heldout_rows = read_rows(src.dataset, "heldout")
+    config = read_config(model_dir)
+    preset = model_preset_of(cfg.model)
+    hp = resolve(cfg, train_rows=len(train_rows), device=device, model_preset=preset,
+                 max_positions=config.get("max_position_embeddings"), plan=src.plan)
+
+    fp = run_fingerprint(cfg, src, model_dir, base_ref)
+    if resumed is None:
+        existing = reuse(out, fp, cfg.force)
+        if existing is not None:
+            r.info(f"{out} already holds this result (same inputs and settings): re-using it; --force redoes it")
+            return existing
+        check_fresh_start(out, cfg, r)
+
+    tok = load_tokenizer(model_dir, trust_remote_code=cfg.trust_remote_code)
+    warn_if_prepared_for_another_tokenizer(src.dataset, model_dir, r)
+    mode = None if (cfg.train_on_all or cfg.response_template) else chat.mask_mode(tok)
+    if mode == "unavailable":
+        r.warn("the chat template does not show where assistant turns are: loss covers every token "
+               "(--response-template sets markers)")
+    enc = encode_rows(tok, train_rows, mode=mode, seq_len=hp.seq_len, train_on_all=cfg.train_on_all,
+                      response_template=cfg.response_template, instruction_template=cfg.instruction_template)
+    if not enc.examples:
+        raise BpError("DATASET_EMPTY", f"no training row has tokens to learn from (dropped: {dict(enc.dropped)})",
+                      details={"dropped": dict(enc.dropped)})
+    report_encoding(enc, hp.seq_len, r)
+    held = encode_rows(tok, heldout_rows, mode=mode, seq_len=hp.seq_len, train_on_all=cfg.train_on_all,
+                       response_template=cfg.response_template, instruction_template=cfg.instruction_template)
+    hp = resolve(cfg, train_rows=len(enc.examples), device=device, model_preset=preset,
+                 max_positions=config.get("max_position_embeddings"), plan=src.plan)
+    if preset is not None:
+        r.info(f"model preset {preset.name}: {preset.hf_id} ({preset.licence}){': ' + preset.note if preset.note else ''}")
+    for c in hp.chosen:
+        r.info(f"auto: {c.name} = {c.value} ({c.reason})")
+
+    run_id = record["run_id"] if record else runs.new_run_id()
+    started_at = record["started_at"] if record else None
+    run = runs.record(out, {
+        "run_id": run_id, "status": "running", "started_at": started_at or _now(), "output": str(out.resolve()),
+        "command": _command(), "config": cfg.as_dict(), "data_ref": str(src.dataset.base_dir),
+        "hyperparameters": hp.as_dict(), "base_model": base_ref, "dataset": dataset_summary(src),
+        "max_steps": hp.max_steps, "fingerprint": fp, "resumes": (record.get("resumes", 0) + 1) if record else 0})
+    r.event("start", run_id=run_id, resumed_from=str(ckpt) if ckpt else None, max_steps=hp.max_steps,
+            examples=len(enc.examples), hyperparameters=hp.as_dict())
+    state = RunState(run_id, out, r, hp.max_steps, cfg.log_steps, cfg.keep_checkpoints, faults,
+                     eval_steps=cfg.eval_steps)
+    if ckpt is not None:  # the checkpoint carries the run's history up to its step
+        meta = checkpoints.read_meta(ckpt) or {}
+        state.history = [list(x) for x in meta.get("history") or []]
+        state.tokens_seen = int(meta.get("tokens_seen") or 0)
+        state.label_tokens_seen = int(meta.get("label_tokens_seen") or 0)
+        state.elapsed_before = float(meta.get("elapsed_s") or 0.0)
+    state.on_save = lambda step, path: saved(state, step, path)
+    try:
+        result = run_training(cfg, hp, model_dir, tok, enc, held, device, state, ckpt)
+        manifest = publish(out, cfg, hp, src, base_ref, model_dir, result, state, fp, run_id,
+                           duration=state.elapsed(), tok=tok)
+    except BaseException as exc:
+        fail_run(out, run_id, exc, state)
+        raise
+    r.event("done", run_id=run_id, steps=manifest["steps"], final_loss=manifest["final_loss"],
+            heldout_loss=manifest.get("heldout_loss"), duration_s=manifest["duration_s"],
+            adapter=str(out / ADAPTER_DIR))
+    return manifest
+
+
+# -- before training -------------------------------------------------------------------------
+
+def silence_library_warnings() -> None:
+    """transformers/TRL/PEFT deprecation chatter is not the user's business (their errors still surface)."""
+    import warnings
+    for module in ("transformers", "trl", "peft", "accelerate", "torch", "bitsandbytes"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+
+
+def device_facts() -> DeviceFacts:
+    from bp_common.device import detect
+    info = detect()
+    gb = min((g.total_gb for g in info.gpus), default=None)
+    return DeviceFacts(kind=info.kind, gpu_gb=gb, bf16=info.bf16 if info.kind == "cuda" else False)
+
+
+def warn_if_prepared_for_another_tokenizer(dataset: dict, model_dir: Path, r: Reporter) -> None:
+    """Rows are re-rendered with this model's template, but bp-prep's lengths and verdict were not."""
+    from bp_common.models import tokenizer_digest
+    prepared_with = dataset.get("tokenizer_digest")
+    if prepared_with and prepared_with != tokenizer_digest(model_dir):
+        r.warn(f"the dataset was prepared with another tokenizer ({dataset.get('model')}): rows are rendered with "
+               f"this model's chat template, but bp-prep's token lengths and verdict do not apply; "
+               f"re-run bp-prep with --model {model_dir} to check them")
+
+
+def run_fingerprint(cfg: TrainConfig, src, model_dir: Path, base_ref: str) -> str:
+    from bp_common.models import config_digest, tokenizer_digest
+    settings = {k: v for k, v in cfg.as_dict().items() if k not in OPERATIONAL and k != "data"}
+    weights = sorted((p.name, p.stat().st_size) for p in Path(model_dir).glob("*.safetensors"))
+    return fingerprint(TOOL, src.dataset.get("id"), base_ref, config_digest(model_dir), tokenizer_digest(model_dir),
+                       weights, settings)
+
+
+def resume_target(cfg: TrainConfig, out: Path, r: Reporter):
+    """(run record, checkpoint dir) to resume, or None for a fresh run.
+
+    --resume RUN_ID: that run of this output directory (STATE_RUN_NOT_FOUND if unknown);
+    latest: the newest run that did not complete; auto: like latest, or a fresh run when
+    there is none.
+    """
+    if not cfg.resume:
+        return None
+    history = runs.read_history(out)
+    if cfg.resume in ("latest", "auto"):
+        open_runs = [x for x in history if x.get("status") != "completed"]
+        if not open_runs:
+            if cfg.resume == "auto":
+                return None
+            raise BpError("STATE_RUN_NOT_FOUND", f"no unfinished run in {out} to resume",
+                          hint=f"list runs with bp-train runs -o {out}; start one without --resume")
+        record = open_runs[-1]
+    else:
+        runs.check_run_id(cfg.resume)
+        hits = [x for x in history if str(x.get("run_id", "")).startswith(cfg.resume)]
+        if len(hits) != 1:
+            raise BpError("STATE_RUN_NOT_FOUND" if not hits else "INPUT_INVALID",
+                          f"no run {cfg.resume} in {out}" if not hits else
+                          f"run id prefix {cfg.resume} matches {len(hits)} runs in {out}",
+                          hint=f"list runs with bp-train runs -o {out}")
+        record = hits[0]
+        if record.get("status") == "completed":
+            raise BpError("CONFIG_INVALID_SETTING", f"run {record['run_id']} completed: there is nothing to resume",
+                          hint="bp-train replay RUN_ID --set steps=N trains a new run with changes")
+    ckpt, notes = checkpoints.latest_valid(out, record["run_id"], warn=r.warn)
+    if ckpt is None:
+        if cfg.resume == "auto":
+            r.warn(f"run {record['run_id']} has no checkpoint to resume from: starting a fresh run")
+            return None
+        raise BpError("STATE_CHECKPOINT_INVALID", f"run {record['run_id']} has no usable checkpoint in "
+                      f"{checkpoints.root(out)}", details={"skipped": notes},
+                      hint="start again with --force (the run stopped before its first checkpoint)")
+    r.info(f"resuming run {record['run_id']} from {ckpt}")
+    return record, ckpt
+
+
+def config_for_resume(cfg: TrainConfig, record: dict, r: Reporter) -> TrainConfig:
+    """The resumed run's own settings; --steps/--epochs and operational flags from this command line."""
+    old = TrainConfig.from_dict(record["config"])
+    new = cfg.as_dict()
+    ignored = [k for k, v in old.as_dict().items()
+               if k not in OPERATIONAL + ("data", "steps", "epochs") and new.get(k) != v
+               and new.get(k) != TrainConfig(output=".").as_dict().get(k)]
+    if ignored:
+        r.warn(f"resuming run {record['run_id']} with its own settings; ignored here: {', '.join(ignored)}")
+    merged = old.as_dict()
+    for k in OPERATIONAL:
+        merged[k] = new[k]
+    if cfg.steps:
+        merged["steps"] = cfg.steps
+    merged["output"] = cfg.output
+    return TrainConfig.from_dict(merged)
+
+
+def check_fresh_start(out: Path, cfg: TrainConfig, r: Reporter) -> None:
+    """Refuse to overwrite other results or an unfinished run unless --force."""
+    from bp_common.manifest import MANIFEST_NAME
+    unfinished = [x for x in runs.read_history(out) if x.get("status") in ("running", "interrupted")]
+    if unfinished and checkpoints.listing(out) and not cfg.force:
+        last = unfinished[-1]
+        raise BpError("STATE_OUTPUT_EXISTS", f"{out} holds run {last['run_id']}, stopped at step "
+                      f"{last.get('steps', 0)} of {last.get('max_steps')}",
+                      hint="continue it with --resume latest (or --resume auto in cron), or start over with --force",
+                      details={"run_id": last["run_id"]})
+    if (out / MANIFEST_NAME).is_file() and not cfg.force:
+        raise BpError("STATE_OUTPUT_EXISTS", f"{out} already holds an adapter trained with other inputs or settings",
+                      hint="pass --force to replace it, or choose another --output")
+    if cfg.force:
+        for x in unfinished:
+            runs.record(out, {"run_id": x["run_id"], "status": "failed",
+                              "failure": {"code": "STATE_OUTPUT_EXISTS", "message": "abandoned: replaced by --force"}})
+        checkpoints.clear(out)
+
+
+def report_encoding(enc, seq_len: int, r: Reporter) -> None:
+    if enc.dropped:
+        r.warn(f"dropped {sum(enc.dropped.values())} of {enc.rows} rows: "
+               + ", ".join(f"{k} {v}" for k, v in enc.dropped.most_common()))
+    if enc.truncated:
+        r.warn(f"{enc.truncated} rows are longer than --seq-len {seq_len} and were truncated")
+
+
+# -- training ----------------------------------------------------------------------------------
+
+@dataclass
+class Trained:
+    model: object
+    trainer: object
+    steps: int
+    heldout_loss: float | None
+    init_dir: Path | None
+    peak_rss: int = 0
+    peak_gpu: int | None = None
+
+
+def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: DeviceFacts, state: RunState,
+                 ckpt: Path | None) -> Trained:
+    """Build the model and the trainer, train (or resume) to hp.max_steps, score the held-out rows."""
+    import torch
+    from transformers import set_seed
+
+    from .model import INIT_DIR, attach_adapter, count_parameters, load_base
+
+    set_seed(hp.seed)
+    init_dir = checkpoints.root(state.output) / INIT_DIR if hp.init_lora_weights in ("pissa", "loftq") else None
+    base = load_base(model_dir, hp, device_kind=device.kind, allow_pickle=cfg.allow_pickle,
+                     trust_remote_code=cfg.trust_remote_code)
+    model = attach_adapter(base, hp, init_dir)
+    trainable, total = count_parameters(model)
+    state.reporter.info(f"{hp.mode} r={hp.lora_r} alpha={hp.lora_alpha:g} targets={hp.targets}: "
+                        f"{trainable:,} trainable of {total:,} parameters")
+    trainer = build_trainer(model, tok, enc.examples, hp, state, device)
+    if hp.batching == "packed" and not cfg.steps:
+        # Packing changes how many batches an epoch has: count them from the packed dataset.
+        per_step = hp.batch_size * hp.grad_accum
+        hp.max_steps = max(1, math.ceil(len(trainer.train_dataset) / per_step * hp.epochs))
+        trainer.args.max_steps = state.max_steps = hp.max_steps
+    state.eval_fn = (lambda: heldout_loss(trainer.model, trainer.data_collator, held.examples, hp.batch_size)
+                     ) if held.examples else None
+    if device.kind == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with graceful_stop(state):
+        try:
+            trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        except torch.OutOfMemoryError as exc:
+            raise out_of_memory(state, exc) from None
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise out_of_memory(state, exc) from None
+            raise
+    if state.bar is not None:
+        state.bar.__exit__(None, None, None)
+        state.bar = None
+    steps = trainer.state.global_step
+    if state.stop_signal is not None:
+        raise stopped(state, steps)
+    loss = state.eval_fn() if state.eval_fn else None
+    if loss is not None:
+        state.reporter.event("eval", step=steps, heldout_loss=loss, rows=len(held.examples))
+    peak_gpu = int(torch.cuda.max_memory_allocated()) if device.kind == "cuda" else None
+    return Trained(model, trainer, steps, loss, init_dir, peak_rss=peak_rss_bytes(), peak_gpu=peak_gpu)
+
+
+def build_trainer(model, tok, examples: list[dict], hp, state: RunState, device: DeviceFacts):
+    """The SFTTrainer for pre-tokenized examples (our labels), with our events and checkpoints."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    batching = hp.batching
+    args = SFTConfig(
+        output_dir=str(checkpoints.root(state.output)),
+        per_device_train_batch_size=hp.batch_size, gradient_accumulation_steps=hp.grad_accum,
+        learning_rate=hp.lr, lr_scheduler_type=hp.lr_scheduler, warmup_steps=hp.warmup_steps,
+        weight_decay=hp.weight_decay, max_grad_norm=hp.max_grad_norm, max_steps=hp.max_steps,
+        optim=hp.optim, seed=hp.seed, data_seed=hp.seed,
+        use_cpu=device.kind == "cpu",
+        bf16=device.kind == "cuda" and (hp.compute_dtype or hp.dtype) == "bf16",
+        fp16=device.kind == "cuda" and (hp.compute_dtype or hp.dtype) == "f16",
+        gradient_checkpointing=hp.gradient_checkpointing,
+        logging_strategy="no", save_strategy="steps" if hp.save_steps else "no",
+        save_steps=hp.save_steps or 1, save_total_limit=None, report_to="none", disable_tqdm=True,
+        log_level="error", dataloader_num_workers=0,
+        padding_free=batching == "padding-free", packing=batching == "packed",
+        max_length=None if batching == "padding-free" else hp.seq_len,
+        train_sampling_strategy="group_by_length" if batching == "length-grouped" else "random",
+        assistant_only_loss=False, completion_only_loss=False, shuffle_dataset=False)
+    cls = make_trainer_class()
+    cbs = [event_callback(state)]
+    trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tok,
+                  callbacks=cbs)
+    trainer.bp_state = state
+    # Trainer prints its logs to stdout when tqdm is off: stdout carries the manifest only.
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
+
+
+def make_trainer_class():
+    """TRL's SFTTrainer with bp-train's checkpoints (atomic, validated), per-step loss capture,
+    adapter-only resume loading and the fault seam. Later methods subclass the same way."""
+    import torch
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class BpSFTTrainer(SFTTrainer):
+        bp_state: RunState | None = None
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            st = self.bp_state
+            if st.faults.oom_at_step == self.state.global_step + 1:
+                raise torch.OutOfMemoryError(f"injected out of memory at step {self.state.global_step + 1}")
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            st.step_loss += float(loss)
+            st.step_tokens += batch_tokens(inputs)
+            st.step_label_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+            return loss
+
+        def _save_checkpoint(self, model, trial):
+            # HF writes <output_dir>/checkpoint-N; point it at a .partial staging dir and publish atomically.
+            st = self.bp_state
+            step = self.state.global_step
+            staged = checkpoints.staging(st.output, step)
+            real = self.args.output_dir
+            self.args.output_dir = str(staged)
+            try:
+                Trainer._save_checkpoint(self, model, trial)
+            finally:
+                self.args.output_dir = real
+            inner = staged / f"checkpoint-{step}"
+            for p in inner.iterdir():
+                p.rename(staged / p.name)
+            inner.rmdir()
+            final = checkpoints.commit(staged, checkpoints.step_dir(st.output, step), {
+                "run_id": st.run_id, "step": step, "loss": st.history[-1][1] if st.history else None,
+                "created_at": _now(), "history": st.history, "tokens_seen": st.tokens_seen,
+                "label_tokens_seen": st.label_tokens_seen, "elapsed_s": st.elapsed()})
+            st.last_checkpoint = final
+            checkpoints.rotate(st.output, max(1, st.keep_checkpoints))
+            if st.on_save is not None:
+                st.on_save(step, final)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            # Load the adapter weights only: PEFT's load_adapter would re-run PiSSA/LoftQ initialisation.
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+            path = Path(resume_from_checkpoint) / "adapter_model.safetensors"
+            result = set_peft_model_state_dict(model or self.model, load_file(str(path)))
+            if getattr(result, "unexpected_keys", None):
+                raise BpError("STATE_CHECKPOINT_INVALID", f"{path} does not fit this adapter "
+                              f"({len(result.unexpected_keys)} unexpected tensors)")
+
+    return BpSFTTrainer
+
+
+def batch_tokens(inputs) -> int:
+    if "attention_mask" in inputs:
+        return int(inputs["attention_mask"].sum())
+    if "position_ids" in inputs:
+        return int(inputs["position_ids"].numel())
+    return int(inputs["input_ids"].numel())
+
+
+def _make_event_callback():
+    from transformers import TrainerCallback
+
+    class _EventCallback(TrainerCallback):
+        """Turns the trainer's steps into bp events, history points and stop requests."""
+
+        def __init__(self, state: RunState):
+            self.s = state
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            s = self.s
+            s.first_step = state.global_step
+            s.tokens_at_start = s.tokens_seen
+            s.started = s.train_started = time.monotonic()
+            r = s.reporter
+            if r.tty and r.log_format == "text" and not r.quiet:
+                s.bar = r.task("train", total=s.max_steps, unit="step").__enter__()
+                if state.global_step:
+                    s.bar.advance(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            s = self.s
+            step = state.global_step
+            loss = s.step_loss
+            s.tokens_seen += s.step_tokens
+            s.label_tokens_seen += s.step_label_tokens
+            tokens = s.step_tokens
+            s.step_loss, s.step_tokens, s.step_label_tokens = 0.0, 0, 0
+            s.history.append([step, loss])
+            if not math.isfinite(loss):
+                raise BpError("TRAIN_DIVERGED", f"the loss became {loss} at step {step} (run {s.run_id})",
+                              details={"run_id": s.run_id, "step": step})
+            elapsed = time.monotonic() - s.started
+            done = step - s.first_step
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = (s.max_steps - step) / rate if rate > 0 else None
+            tps = round((s.tokens_seen - s.tokens_at_start) / elapsed, 1) if elapsed > 0 else None
+            lr = kwargs.get("lr_scheduler").get_last_lr()[0] if kwargs.get("lr_scheduler") else None
+            if s.bar is not None:
+                s.bar.advance(1, loss=loss, tok_s=tps or 0)
+            if step % s.log_steps == 0 or step == s.max_steps or step == s.first_step + 1:
+                s.reporter.event("step", step=step, max_steps=s.max_steps, loss=loss, lr=lr, epoch=state.epoch,
+                                 tokens=tokens, tokens_seen=s.tokens_seen, tokens_per_s=tps,
+                                 elapsed_s=round(elapsed, 2), eta_s=round(eta, 1) if eta is not None else None)
+            if s.eval_steps and s.eval_fn is not None and step % s.eval_steps == 0 and step < s.max_steps:
+                s.reporter.event("eval", step=step, heldout_loss=s.eval_fn())
+            if s.stop_signal is not None:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return _EventCallback
+
+
+def event_callback(state: RunState):
+    """An _EventCallback for this run (the class is built on first use, after transformers loads)."""
+    global _EVENT_CALLBACK
+    if _EVENT_CALLBACK is None:
+        _EVENT_CALLBACK = _make_event_callback()
+    return _EVENT_CALLBACK(state)
+
+
+_EVENT_CALLBACK = None
+
+
+@contextlib.contextmanager
+def graceful_stop(state: RunState):
+    """SIGINT/SIGTERM ask the run to stop after the current step and checkpoint; a second one stops now."""
+    from bp_common.cli import Terminated
+
+    def handler(signum, frame):
+        if state.stop_signal is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+        state.stop_signal = signum
+        state.reporter.warn(f"{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+                            "(send it again to stop at once)")
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def saved(state: RunState, step: int, path: Path) -> None:
+    """A checkpoint was published: tell the listeners and the run history."""
+    state.reporter.event("save", step=step, path=str(path), run_id=state.run_id)
+    runs.record(state.output, {"run_id": state.run_id, "steps": step, "checkpoint": str(path),
+                               "final_loss": state.history[-1][1] if state.history else None,
+                               "tokens_seen": {"input": state.tokens_seen, "loss": state.label_tokens_seen}})
+
+
+def stopped(state: RunState, step: int) -> BpError:
+    code = "RUNTIME_INTERRUPTED" if state.stop_signal == signal.SIGINT else "RUNTIME_TERMINATED"
+    where = f"checkpoint {state.last_checkpoint}" if state.last_checkpoint else "no checkpoint"
+    return BpError(code, f"run {state.run_id} stopped at step {step} of {state.max_steps}; {where}",
+                   hint=f"continue with: bp-train --resume {state.run_id} -o {state.output}",
+                   details={"run_id": state.run_id, "step": step,
+                            "checkpoint": str(state.last_checkpoint) if state.last_checkpoint else None})
+
+
+def out_of_memory(state: RunState, exc: BaseException) -> BpError:
+    step = (state.history[-1][0] if state.history else 0) + 1
+    state.reporter.event("oom", step=step, run_id=state.run_id, message=str(exc).splitlines()[0][:300])
+    return BpError("RUNTIME_OOM", f"out of memory at step {step} (run {state.run_id})",
+                   details={"run_id": state.run_id, "step": step})
+
+
+def heldout_loss(model, collator, examples: list[dict], batch_size: int) -> float | None:
+    """Mean cross-entropy per loss token over held-out examples (the same labels training uses)."""
+    import torch
+    import torch.nn.functional as F
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(examples), batch_size):
+                batch = collator(examples[i:i + batch_size])
+                labels = batch.pop("labels").to(device)
+                inputs = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
+                # use_cache=False: with a cache, transformers ignores the sequence boundaries in position_ids
+                logits = model(**inputs, use_cache=False).logits.float()
+                target = labels[:, 1:]
+                mask = target != -100
+                if not mask.any():
+                    continue
+                total += float(F.cross_entropy(logits[:, :-1][mask], target[mask], reduction="sum"))
+                count += int(mask.sum())
+    finally:
+        if was_training:
+            model.train()
+    return total / count if count else None
+
+
+def peak_rss_bytes() -> int:
+    import resource
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# -- after training ----------------------------------------------------------------------------
+
+def publish(out: Path, cfg: TrainConfig, hp, src, base_ref: str, model_dir: Path, result: Trained,
+            state: RunState, fp: str, run_id: str, duration: float, tok) -> Manifest:
+    """Write adapter/ atomically, then manifest.json, then the completed history record."""
+    from .model import save_adapter
+    from .result import adapter_manifest
+
+    with atomic_dir(out / ADAPTER_DIR, replace=True) as tmp:
+        save_adapter(result.model, tok, tmp, base_ref=base_ref, init_dir=result.init_dir)
+    manifest = adapter_manifest(out, cfg=cfg, hp=hp, src=src, base_ref=base_ref, model_dir=model_dir,
+                                result=result, state=state, fingerprint=fp, run_id=run_id, duration=duration)
+    write_manifest(manifest, out)
+    runs.record(out, {"run_id": run_id, "status": "completed", "completed_at": _now(), **run_facts(manifest, state)})
+    checkpoints.rotate(out, cfg.keep_checkpoints) if cfg.keep_checkpoints else checkpoints.clear(out)
+    return manifest
+
+
+def run_facts(manifest: dict, state: RunState) -> dict:
+    keys = ("steps", "final_loss", "min_loss", "heldout_loss", "loss_history", "tokens_seen", "duration_s",
+            "device", "peak_memory")
+    out = {k: manifest.get(k) for k in keys}
+    out["adapter_dir"] = str(Path(manifest["root"]) / manifest["adapter_dir"])
+    return out
+
+
+def fail_run(out: Path, run_id: str, exc: BaseException, state: RunState) -> None:
+    """Record how a run ended when it did not complete (history only; never masks the error)."""
+    from bp_common.cli import Terminated
+    if isinstance(exc, BpError) and exc.code in ("RUNTIME_INTERRUPTED", "RUNTIME_TERMINATED") \
+            or isinstance(exc, (KeyboardInterrupt, Terminated)):
+        status = "interrupted"
+    else:
+        status = "failed"
+    fields = {"run_id": run_id, "status": status, "steps": state.history[-1][0] if state.history else 0,
+              "final_loss": state.history[-1][1] if state.history else None,
+              "tokens_seen": {"input": state.tokens_seen, "loss": state.label_tokens_seen},
+              "checkpoint": str(state.last_checkpoint) if state.last_checkpoint else None}
+    if status == "failed":
+        code = exc.code if isinstance(exc, BpError) else "TRAIN_FAILED"
+        fields["failure"] = {"code": code, "message": str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__}
+    with contextlib.suppress(Exception):
+        runs.record(out, fields)
+    if status == "failed":
+        with contextlib.suppress(Exception):
+            state.reporter.event("error", run_id=run_id, code=fields["failure"]["code"],
+                                 message=fields["failure"]["message"])
+
+
+def _now() -> str:
+    from bp_common.manifest import utc_now
+    return utc_now()
+
+
+def _command() -> list[str] | None:
+    from bp_common import manifest
+    return list(manifest.CURRENT_COMMAND) if manifest.CURRENT_COMMAND else None
+
+
+def existing_manifest(out: Path) -> Manifest | None:
+    try:
+        return read_manifest(out)
+    except BpError:
+        return None
