@@ -10,6 +10,9 @@ bp_common.chat, and fed to either engine.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 from bp_common.errors import BpError
 
 from .scoring import IGNORE
@@ -48,10 +51,11 @@ class TransformersEngine:
         model_ref = subject.base if subject.kind == "adapter" else subject.path
         model_dir = resolve_model(str(model_ref), allow_pickle=allow_pickle)
         self.tokenizer = load_tokenizer(tokenizer_dir(subject.tokenizer), trust_remote_code=trust_remote_code)
-        model = load_causal_lm(model_dir, dtype=self.dtype, allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code)
-        if subject.kind == "adapter":
-            model = load_adapter(model, subject.path, allow_pickle)
+        with library_warnings_silenced():
+            model = load_causal_lm(model_dir, dtype=self.dtype, allow_pickle=allow_pickle,
+                                   trust_remote_code=trust_remote_code)
+            if subject.kind == "adapter":
+                model = load_adapter(model, subject.path, allow_pickle)
         self.model = model.to(self.device).eval()
         cfg = model.config
         self.max_len = int(getattr(cfg, "max_position_embeddings", None) or 4096)
@@ -121,7 +125,7 @@ class TransformersEngine:
                 ids[b, width - len(p):] = torch.tensor(p)
                 att[b, width - len(p):] = 1
             torch.manual_seed(seed + bi // batch_size)
-            with torch.inference_mode():
+            with torch.inference_mode(), library_warnings_silenced():
                 out = self.model.generate(input_ids=ids.to(self.device), attention_mask=att.to(self.device),
                                           generation_config=gcfg)
             for b, i in enumerate(idx):
@@ -130,6 +134,15 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+@contextlib.contextmanager
+def library_warnings_silenced():
+    """transformers' and peft's deprecation notices are about their internals, not the user's run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 def tokenizer_dir(ref):
