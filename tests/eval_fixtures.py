@@ -36,7 +36,7 @@ def eval_data(tiny_llama, eval_workdir) -> Path:
     return out
 
 
-def train_adapter(base: Path, data: Path, out: Path, steps: int = 60, seed: int = 0) -> Path:
+def train_adapter(base: Path, data: Path, out: Path, steps: int = 100, seed: int = 0) -> Path:
     """A LoRA adapter trained `steps` steps on the train split with assistant-only loss (the masking
     bp-eval scores with), saved in safetensors, with a bp-train-style adapter manifest around it."""
     import torch
@@ -52,9 +52,9 @@ def train_adapter(base: Path, data: Path, out: Path, steps: int = 60, seed: int 
     rows = read_data(data / "train.jsonl").rows
     examples = encode_rows(tok, rows, 512).examples
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
                                              target_modules="all-linear"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(steps):

@@ -109,12 +109,16 @@ def compare(a: Manifest, b: Manifest, gate: GateSettings) -> Comparison:
             side = "baseline" if name not in ma else "candidate"
             cmp.reasons.append(f"{name}: missing from the {side} evaluation, so it cannot be checked")
     for name, d in cmp.diffs.items():
-        if d.delta is None:
+        if d.delta is None or name == "perplexity":
             continue
         d.regressed = regressed(d, gate)
         d.verdict = verdict(d)
         if d.gated and d.regressed:
             cmp.reasons.append(reason(d, gate))
+    if "perplexity" in cmp.diffs and "loss" in cmp.diffs:
+        # exp(loss): the same evidence as loss, so it gets loss's verdict and is never gated on its own.
+        ppl, loss = cmp.diffs["perplexity"], cmp.diffs["loss"]
+        ppl.verdict, ppl.method, ppl.gated = loss.verdict, "follows loss", False
     for side, m in (("baseline", a), ("candidate", b)):
         n = (m.get("n") or {}).get("loss")
         if n is not None and n < bs.UNDERPOWERED_ROWS:
@@ -128,7 +132,6 @@ def diff_metric(name: str, a: Manifest, b: Manifest, rows_a, rows_b, paired: boo
     if va is None or vb is None:
         return d
     if name == "perplexity":
-        # Follows loss: exp is monotone, so its interval is the loss interval mapped through exp.
         d.delta = vb - va
         return d
     if paired:
