@@ -19,10 +19,12 @@ from .metrics import DEFAULT_METRICS, METRICS
 TOOL = "bp-eval"
 
 DESCRIPTION = """\
-Measure a fine-tune before you ship it: held-out loss and perplexity on the assistant tokens (the
-tokens bp-train puts loss on), answers to the held-out prompts through the model's chat template,
-task metrics against references with seeded 95% bootstrap intervals, and a gate that stops a
-pipeline when a candidate is worse than its baseline beyond noise.
+Measure a model on held-out data before it ships, and gate a release on it.
+
+Held-out loss and perplexity on the assistant tokens (the tokens bp-train puts loss on), answers to
+the held-out prompts through the model's chat template, task metrics against references with seeded
+95% bootstrap intervals, and a gate that stops a pipeline when a candidate is worse than its
+baseline beyond noise.
 
 commands (run is the default when the first word is none of them):
   run       evaluate a base model, base + adapter, a merged model or a GGUF file on held-out data
