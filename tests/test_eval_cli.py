@@ -140,3 +140,72 @@ def test_the_cli_prints_one_manifest_and_the_table_only_on_a_tty(eval_merged, tm
 def test_bad_invocations_fail_with_their_code(args, code):
     rc, env = run_eval(*args)
     assert env["kind"] == "error" and env["code"] == code, env
+
+
+@pytest.mark.parametrize("argv,command,first", [
+    (["model"], "run", "model"),
+    (["--quiet", "model", "--data", "d"], "run", "model"),
+    (["--log-format", "json", "compare", "a", "b"], "compare", "a"),
+    (["--data", "d"], "run", None),                 # the model comes from stdin
+    (["-", "--data", "d.jsonl"], "run", "-"),
+    (["generate", "m", "hi"], "generate", "m"),
+    (["run", "compare"], "run", "compare"),         # a model directory named like a command, after `run`
+])
+def test_run_is_the_default_command(argv, command, first):
+    from bp_common.cli import parse_args
+    from bp_eval.cli import get_parser
+    args = parse_args(get_parser(), argv)
+    assert args.command == command
+    assert (args.baseline if command == "compare" else args.input) == first
+
+
+def test_compare_never_imports_torch(baseline, tmp_path):
+    import sys
+    code = ("import sys, io, contextlib\n"
+            "from bp_common.cli import run_main\n"
+            "from bp_eval.cli import get_parser, run\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    rc = run_main('bp-eval', get_parser, run, ['compare', {str(baseline)!r}, {str(baseline)!r}, "
+            "'--gate', '--quiet'])\n"
+            "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["0", "False", "False"], r.stderr
+
+
+def test_pickle_adapter_weights_are_refused_unless_allowed(eval_adapter, eval_data, tmp_path):
+    import shutil
+    import torch
+    from safetensors.torch import load_file
+    ad = tmp_path / "pickled"
+    shutil.copytree(eval_adapter / "adapter", ad)
+    torch.save(load_file(str(ad / "adapter_model.safetensors")), ad / "adapter_model.bin")
+    (ad / "adapter_model.safetensors").unlink()
+    rc, env = run_eval(ad, "--data", eval_data, "-n", "0")
+    assert rc == 64 and env["code"] == "INPUT_PICKLE_REFUSED"
+    rc, m = run_eval(ad, "--data", eval_data, "-n", "0", "--allow-pickle")
+    assert rc == 0 and m["model"]["kind"] == "adapter"
+
+
+def test_a_gguf_without_llamacpp_helpers_is_a_clear_error(tmp_path, tiny_llama):
+    """Until bp-gguf's bp_common.llamacpp is on this branch, a GGUF input stops with DEP_MISSING."""
+    import importlib.util
+    from transformers import AutoTokenizer
+    from helpers.gguf_files import gguf_from_tokenizer
+    if importlib.util.find_spec("bp_common.llamacpp") is not None:
+        pytest.fail("bp_common.llamacpp exists now: replace this test with GGUF scoring tests")
+    g = gguf_from_tokenizer(tmp_path / "m.gguf", AutoTokenizer.from_pretrained(str(tiny_llama)), add_bos=False)
+    rc, env = run_eval(g, "--tokenizer", tiny_llama, "--data", tmp_path / "nothing.jsonl")
+    assert env["code"] == "INPUT_NOT_FOUND"
+    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "reference": "b"}\n')
+    rc, env = run_eval(g, "--tokenizer", tiny_llama, "--data", tmp_path / "d.jsonl")
+    assert rc == 69 and env["code"] == "DEP_MISSING"
+
+
+def test_the_terminal_table_shows_each_metric_with_its_interval(eval_adapter):
+    from bp_eval.results import table
+    rc, m = run_eval(eval_adapter, "-n", "4")
+    lines = table(m)
+    rows = {line.split()[0]: line for line in lines[2:] if line.strip() and not line.strip().startswith("warning")}
+    assert set(rows) == {"loss", "perplexity", "normalized_exact_match", "token_f1", "contains"}
+    lo, hi = m["ci"]["loss"]
+    assert f"[{lo:.4f}, {hi:.4f}]" in rows["loss"] and rows["loss"].split()[-1] == str(m["n"]["loss"])

@@ -18,6 +18,7 @@ from bp_common.errors import BpError
 from .scoring import IGNORE
 
 DTYPES = ("auto", "f32", "bf16", "f16")
+CE_CHUNK = 1024  # positions per float32 cross-entropy slice
 
 
 def torch_dtype(name: str, device: str):
@@ -41,7 +42,7 @@ class TransformersEngine:
     backend = "transformers"
 
     def __init__(self, subject, *, dtype: str = "auto", allow_pickle: bool = False, trust_remote_code: bool = False,
-                 max_batch_tokens: int = 16384):
+                 max_batch_tokens: int = 8192):
         import torch
         from bp_common.models import load_causal_lm, load_tokenizer, quiet_transformers, resolve_model
         quiet_transformers()
@@ -80,7 +81,10 @@ class TransformersEngine:
         with torch.inference_mode():
             logits = self._logits(ids.to(self.device), att.to(self.device), keep.to(self.device))
             flat_targets = targets[keep].to(self.device)
-            losses = F.cross_entropy(logits.float(), flat_targets, reduction="none").double().cpu()
+            # float32 log-softmax a slice at a time: [kept, vocab] in float32 at once can be gigabytes.
+            losses = torch.cat([F.cross_entropy(logits[i:i + CE_CHUNK].float(), flat_targets[i:i + CE_CHUNK],
+                                                reduction="none")
+                                for i in range(0, logits.shape[0], CE_CHUNK)]).double().cpu()
         rows = keep.nonzero()[:, 0]
         sums = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, losses)
         counts = keep.sum(dim=1)
