@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-pytest_plugins = ["ollama_fixtures"]  # go_render, ollama_server, template_family (bp-ollama; reusable)
+pytest_plugins = ["ollama_fixtures",  # go_render, ollama_server, template_family (bp-ollama; reusable)
+                  "eval_fixtures"]  # eval_data, eval_adapter, eval_merged, eval_damaged (bp-eval)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -115,6 +115,8 @@ ELSEWHERE = {
     "STATE_OUTPUT_EXISTS": "test_prep_output / test_merge_errors",
     "GPU_NOT_AVAILABLE": "needs a machine without CUDA asking for a CUDA feature; bp-train tests",
     "GPU_MONITOR_FAILED": "needs a GPU; device fakes in bp-train tests",
+    "EVAL_REGRESSED": "the gate's verdict, not a bad input; test_eval_cli",
+    "TRAIN_DIVERGED": "a run whose loss explodes; test_train_sft",
 }
 
 

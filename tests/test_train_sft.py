@@ -163,3 +163,12 @@ def test_out_of_memory_ends_the_run_with_an_oom_event_and_a_failed_record(tmp_pa
     assert [ev["event"] for ev in events][-1] == "error"
     record = runs.read_history(tmp_path / "o")[-1]
     assert record["status"] == "failed" and record["failure"]["code"] == "RUNTIME_OOM" and record["steps"] == 2
+
+
+def test_a_diverging_run_ends_with_train_diverged_and_a_failed_record(tmp_path, tiny_llama):
+    with pytest.raises(BpError) as e:
+        train(TrainConfig(output=str(tmp_path / "d"), data=str(prepared(str(tiny_llama))), steps=20, save_steps=0),
+              faults=Faults(nan_at_step=4))
+    assert e.value.code == "TRAIN_DIVERGED" and e.value.exit_code == 65 and "step 4" in e.value.message
+    record = runs.read_history(tmp_path / "d")[-1]
+    assert record["status"] == "failed" and record["failure"]["code"] == "TRAIN_DIVERGED"

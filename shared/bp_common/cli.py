@@ -30,8 +30,38 @@ class Terminated(BaseException):
 class BpArgumentParser(argparse.ArgumentParser):
     """argparse that raises INPUT_USAGE instead of printing and exiting, so pipes get an envelope."""
 
+    # The subcommand assumed when the first word is none of them (`bp-eval MODEL` = `bp-eval run MODEL`).
+    default_command: str | None = None
+
     def error(self, message):  # noqa: D401 - argparse API
         raise BpError("INPUT_USAGE", f"{self.prog}: {message}", hint=f"run '{self.prog} --help'")
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.default_command is not None:
+            args = self._with_default_command(list(sys.argv[1:] if args is None else args))
+        return super().parse_known_args(args, namespace)
+
+    def _with_default_command(self, args: list[str]) -> list[str]:
+        """Prepend default_command unless the first positional word already names a subcommand.
+
+        The subcommand takes the common flags too, so putting it first is always safe; a bare
+        --help or --version (no positional word) stays with the top-level parser.
+        """
+        commands = set()
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                commands |= set(action.choices)
+        i = 0
+        while i < len(args):
+            tok = args[i]
+            if tok == "--" or tok == "-" or not tok.startswith("-"):
+                return args if tok in commands else [self.default_command] + args
+            if tok in ("-h", "--help", "--version"):
+                return args
+            action = self._option_string_actions.get(tok.split("=", 1)[0])
+            takes_value = action is not None and action.nargs != 0 and "=" not in tok
+            i += 2 if takes_value else 1
+        return [self.default_command] + args
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -92,9 +122,14 @@ def add_common_args(parser: argparse.ArgumentParser, tool: str) -> None:
                         "environment win over it)")
 
 
-def add_subparsers(parser: argparse.ArgumentParser, tool: str, **kw):
-    """Subcommands that also accept the common flags after the verb."""
+def add_subparsers(parser: argparse.ArgumentParser, tool: str, default: str | None = None, **kw):
+    """Subcommands that also accept the common flags after the verb.
+
+    default: the subcommand to run when the first word names none (e.g. `bp-eval MODEL`).
+    """
     sub = parser.add_subparsers(dest="command", parser_class=BpArgumentParser, **kw)
+    if default is not None:
+        parser.default_command = default
     orig = sub.add_parser
 
     def add_parser(name, **kwargs):
@@ -326,31 +361,9 @@ def _default_summary(result: dict) -> str:
     return f"{kind} ok" + (f": {root}" if root else "")
 
 
-def with_default_command(parser: argparse.ArgumentParser, argv: list[str], name: str) -> list[str]:
-    """argv with subcommand `name` put first when argv names none, so `tool ARGS` means `tool name ARGS`.
-
-    `--help` and `--version` alone keep the top-level parser (which lists the subcommands).
-    """
-    verbs = set()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            verbs |= set(action.choices)
-    if argv and (argv[0] in verbs or argv[0] in ("-h", "--help", "--version")):
-        return list(argv)
-    return [name] + list(argv)
-
-
-def entry(tool: str, get_parser: Callable[[], argparse.ArgumentParser], handler: Callable,
-          default_command: str | None = None):
-    """Make the console-script `main()` for a tool.
-
-    default_command: the subcommand run when the command line names none (git-style verbs
-    beside a main action, e.g. `bp-train -o out` = `bp-train train -o out`).
-    """
+def entry(tool: str, get_parser: Callable[[], argparse.ArgumentParser], handler: Callable):
+    """Make the console-script `main()` for a tool."""
     def main(argv: list[str] | None = None) -> None:
-        argv = list(sys.argv[1:] if argv is None else argv)
-        if default_command is not None:
-            argv = with_default_command(get_parser(), argv, default_command)
         sys.exit(run_main(tool, get_parser, handler, argv))
     main.__doc__ = f"Entry point of {tool}."
     return main

@@ -260,5 +260,13 @@ CASES: list[Case] = [
          "OLLAMA_UNAVAILABLE", needs=("gguf",)),
     Case("ollama-wrong-manifest-kind", "bp-ollama", ["modelfile", "-o", "{out}"], "INPUT_MANIFEST_KIND",
          stdin=manifest_text("dataset")),
+    Case("train-show-unknown-run", "bp-train", ["show", "0123456789ab", "-o", "{dir}"], "STATE_RUN_NOT_FOUND"),
+    Case("train-resume-unknown-run", "bp-train", ["{dir}", "-o", "{dir}", "--resume", "0123456789ab"],
+         "STATE_RUN_NOT_FOUND"),
+    Case("train-damaged-history", "bp-train", ["runs", "-o", "{dir}"], "STATE_CHECKPOINT_INVALID",
+         setup=write("runs.json", '{"runs": [')),
+    Case("train-missing-data", "bp-train", ["{dir}/none", "-o", "{out}"], "INPUT_NOT_FOUND"),
+    Case("train-bad-rank", "bp-train", ["{dir}", "-o", "{out}", "--lora-r", "-4"], "INPUT_USAGE"),
+    Case("eval-missing-model", "bp-eval", ["{dir}/none", "--data", "{dir}", "-o", "{out}"], "INPUT_NOT_FOUND"),
     Case("ollama-missing-gguf", "bp-ollama", ["modelfile", "{dir}/none.gguf", "-o", "{out}"], "INPUT_NOT_FOUND"),
 ]

@@ -74,7 +74,7 @@ def _warmup(text: str):
 
 def get_parser() -> argparse.ArgumentParser:
     p = make_parser(TOOL, DESCRIPTION, EPILOG)
-    sub = add_subparsers(p, TOOL, title="commands", metavar="COMMAND")
+    sub = add_subparsers(p, TOOL, default="train", title="commands", metavar="COMMAND")
     add_train_parser(sub)
 
     q = sub.add_parser("runs", help="list runs (JSON on stdout; a table on a terminal)",
@@ -261,4 +261,4 @@ def run(args, ctx):
     raise BpError("INPUT_USAGE", "no command given", hint="bp-train --help")
 
 
-main = entry(TOOL, get_parser, run, default_command="train")
+main = entry(TOOL, get_parser, run)

@@ -44,8 +44,10 @@ class Faults:
     """Failures injected on purpose, at a 1-based optimizer step, exactly where the real ones happen.
 
     oom_at_step: raise torch.OutOfMemoryError in the forward/backward of that step.
+    nan_at_step: fill the trainable weights with NaN before that step, as a diverged update would.
     """
     oom_at_step: int | None = None
+    nan_at_step: int | None = None
 
 
 @dataclass
@@ -425,6 +427,11 @@ def make_trainer_class():
             st = self.bp_state
             if st.faults.oom_at_step == self.state.global_step + 1:
                 raise torch.OutOfMemoryError(f"injected out of memory at step {self.state.global_step + 1}")
+            if st.faults.nan_at_step == self.state.global_step + 1:
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.fill_(float("nan"))
             loss = super().training_step(model, inputs, num_items_in_batch)
             st.step_loss += float(loss)
             st.step_tokens += batch_tokens(inputs)
