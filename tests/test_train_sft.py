@@ -156,7 +156,8 @@ def test_pissa_adapter_is_saved_as_plain_lora_against_the_original_base(tmp_path
 def test_out_of_memory_ends_the_run_with_an_oom_event_and_a_failed_record(tmp_path, tiny_llama):
     events = []
     with pytest.raises(BpError) as e:
-        train(TrainConfig(output=str(tmp_path / "o"), data=str(prepared(str(tiny_llama))), steps=10, save_steps=0),
+        train(TrainConfig(output=str(tmp_path / "o"), data=str(prepared(str(tiny_llama))), steps=10, save_steps=0,
+                          oom_recovery=False),
               on_event=events.append, faults=Faults(oom_at_step=3))
     assert e.value.code == "RUNTIME_OOM" and e.value.exit_code == 137 and e.value.details["step"] == 3
     assert [ev["step"] for ev in events if ev["event"] == "oom"] == [3]

@@ -35,7 +35,8 @@ EPILOG = """examples:
   bp-train runs -o runs/ ; bp-train show 3fa2c1 -o runs/ ; bp-train diff 3fa2c1 9b0e77 -o runs/
 exit codes: 0 ok; 64 bad setting; 65 bad data or the loss diverged; 66 input or run not found;
   73 output holds other results (--force); 75 output locked; 130/143 stopped by SIGINT/SIGTERM
-  after a checkpoint; 137 out of memory"""
+  after a checkpoint; 75 GPU too hot (after a checkpoint; resume later); 137 out of memory (recovery
+  exhausted or off)"""
 
 
 def _auto(kind):
@@ -200,6 +201,18 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--instruction-template", metavar="TEXT", default=None,
                    help="text that starts a user turn (ends the loss span of --response-template)")
 
+    g = t.add_argument_group("safety")
+    g.add_argument("--no-oom-recovery", dest="oom_recovery", action="store_false", default=True,
+                   help="on out of memory, stop (exit 137) instead of continuing from the last checkpoint with "
+                        "half the micro-batch and twice the accumulation")
+    g.add_argument("--no-gpu-monitor", dest="gpu_monitor", action="store_false", default=True,
+                   help="do not watch GPU temperature (NVML); without it an overheating card is not protected")
+    g.add_argument("--gpu-temp-critical", type=float, default=None, metavar="C",
+                   help="critical GPU temperature in °C: pause at the next step until the card cools; "
+                        "emergency is 5 °C above (default: env BACKPROPAGATE_GPU_TEMP_CRITICAL, else 90)")
+    g.add_argument("--max-cool-wait", type=_nonneg(float), default=600.0, metavar="S",
+                   help="seconds to wait for a critical GPU to cool; then checkpoint and exit 75 (retryable)")
+
     g = t.add_argument_group("checkpoints and progress")
     g.add_argument("--save-steps", type=_nonneg(int), default=100, metavar="N",
                    help="checkpoint every N steps (0: only when stopped by a signal and at the end)")
@@ -230,7 +243,9 @@ def config_from_args(args) -> TrainConfig:
         instruction_template=args.instruction_template, save_steps=args.save_steps,
         keep_checkpoints=args.keep_checkpoints, eval_steps=args.eval_steps,
         log_steps=args.log_steps if args.log_steps != AUTO else 10, resume=args.resume, force=args.force,
-        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+        allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
+        oom_recovery=args.oom_recovery, gpu_monitor=args.gpu_monitor, gpu_temp_critical=args.gpu_temp_critical,
+        max_cool_wait=args.max_cool_wait)
 
 
 def run(args, ctx):

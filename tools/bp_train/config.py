@@ -78,6 +78,10 @@ class TrainConfig:
     log_steps: int = 1
     resume: str | None = None
     force: bool = False
+    oom_recovery: bool = True          # halve the batch, double accumulation, continue from the checkpoint
+    gpu_monitor: bool = True           # watch GPU temperature (NVML) on CUDA
+    gpu_temp_critical: float | None = None  # °C; default BACKPROPAGATE_GPU_TEMP_CRITICAL or 90
+    max_cool_wait: float = 600.0       # seconds to wait for a critical GPU to cool before stopping
     allow_pickle: bool = False
     trust_remote_code: bool = False
 

@@ -64,5 +64,6 @@ def adapter_manifest(out: Path, *, cfg, hp, src, base_ref: str, model_dir: Path,
         tokens_seen={"input": state.tokens_seen, "loss": state.label_tokens_seen},
         device=device_summary(),
         peak_memory={"rss_bytes": result.peak_rss, "gpu_bytes": result.peak_gpu},
+        oom_recoveries=state.oom_recoveries, gpu=state.guard.summary() if state.guard is not None else None,
         duration_s=round(duration, 2), seq_len=hp.seq_len, files=files, checkpoints="checkpoints",
         history="runs.json", fingerprint=fingerprint)

@@ -32,22 +32,29 @@ from bp_common.progress import Reporter
 from . import checkpoints, runs
 from .config import DeviceFacts, TrainConfig, model_preset_of, resolve
 from .dataset import DATA_DIR, dataset_summary, encode_rows, read_rows, read_source
+from .safety import OomRecovery, is_oom_error, open_guard
 
 TOOL = "bp-train"
 ADAPTER_DIR = "adapter"
 # Settings that do not change what is trained: left out of the fingerprint, and free to change on resume.
-OPERATIONAL = ("output", "resume", "force", "save_steps", "keep_checkpoints", "eval_steps", "log_steps")
+OPERATIONAL = ("output", "resume", "force", "save_steps", "keep_checkpoints", "eval_steps", "log_steps",
+               "oom_recovery", "gpu_monitor", "gpu_temp_critical", "max_cool_wait")
 
 
 @dataclass
 class Faults:
     """Failures injected on purpose, at a 1-based optimizer step, exactly where the real ones happen.
 
-    oom_at_step: raise torch.OutOfMemoryError in the forward/backward of that step.
+    oom_at_step: raise torch.OutOfMemoryError in the forward/backward of that step, oom_times
+    times in all (each retry of the step fails again until they are used up).
     nan_at_step: fill the trainable weights with NaN before that step, as a diverged update would.
+    gpu_sensor: a bp_common.device sensor (FakeSensor) read at every step boundary instead of NVML,
+    with no background polling and no sleeping while a critical card cools.
     """
     oom_at_step: int | None = None
+    oom_times: int = 1
     nan_at_step: int | None = None
+    gpu_sensor: object = None
 
 
 @dataclass
@@ -77,6 +84,9 @@ class RunState:
     bar: object = None
     elapsed_before: float = 0.0     # training time of earlier sessions of a resumed run
     train_started: float | None = None
+    guard: object = None            # safety.GpuGuard while a GPU is watched
+    gpu_stop: bool = False          # the guard asked the run to checkpoint and stop
+    oom_recoveries: list = field(default_factory=list)
 
     def elapsed(self) -> float:
         now = time.monotonic() - self.train_started if self.train_started is not None else 0.0
@@ -173,20 +183,22 @@ def _train(cfg: TrainConfig, out: Path, r: Reporter, faults: Faults) -> Manifest
             examples=len(enc.examples), hyperparameters=hp.as_dict())
     state = RunState(run_id, out, r, hp.max_steps, cfg.log_steps, cfg.keep_checkpoints, faults,
                      eval_steps=cfg.eval_steps)
-    if ckpt is not None:  # the checkpoint carries the run's history up to its step
-        meta = checkpoints.read_meta(ckpt) or {}
-        state.history = [list(x) for x in meta.get("history") or []]
-        state.tokens_seen = int(meta.get("tokens_seen") or 0)
-        state.label_tokens_seen = int(meta.get("label_tokens_seen") or 0)
-        state.elapsed_before = float(meta.get("elapsed_s") or 0.0)
+    restore_state(state, ckpt)
     state.on_save = lambda step, path: saved(state, step, path)
     try:
-        result = run_training(cfg, hp, model_dir, tok, enc, held, device, state, ckpt)
+        state.guard = open_guard(device.kind, r, enabled=cfg.gpu_monitor, critical_c=cfg.gpu_temp_critical,
+                                 max_wait_s=cfg.max_cool_wait, sensor=faults.gpu_sensor,
+                                 poll_s=None if faults.gpu_sensor is not None else 15.0,
+                                 cool_poll_s=0.0 if faults.gpu_sensor is not None else 5.0)
+        result = train_with_oom_recovery(cfg, hp, model_dir, tok, enc, held, device, state, ckpt)
         manifest = publish(out, cfg, hp, src, base_ref, model_dir, result, state, fp, run_id,
                            duration=state.elapsed(), tok=tok)
     except BaseException as exc:
         fail_run(out, run_id, exc, state)
         raise
+    finally:
+        if state.guard is not None:
+            state.guard.stop()
     r.event("done", run_id=run_id, steps=manifest["steps"], final_loss=manifest["final_loss"],
             heldout_loss=manifest.get("heldout_loss"), duration_s=manifest["duration_s"],
             adapter=str(out / ADAPTER_DIR))
@@ -330,6 +342,60 @@ class Trained:
     peak_gpu: int | None = None
 
 
+def restore_state(state: RunState, ckpt: Path | None) -> None:
+    """Rewind the run's bookkeeping to a checkpoint (which carries the history up to its step), or to zero."""
+    meta = (checkpoints.read_meta(ckpt) or {}) if ckpt is not None else {}
+    state.history = [list(x) for x in meta.get("history") or []]
+    state.tokens_seen = int(meta.get("tokens_seen") or 0)
+    state.label_tokens_seen = int(meta.get("label_tokens_seen") or 0)
+    if ckpt is not None or not state.elapsed_before:
+        state.elapsed_before = float(meta.get("elapsed_s") or 0.0)
+    state.step_loss, state.step_tokens, state.step_label_tokens = 0.0, 0, 0
+
+
+def train_with_oom_recovery(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: DeviceFacts,
+                            state: RunState, ckpt: Path | None) -> "Trained":
+    """run_training, again from the last checkpoint with half the micro-batch and twice the
+    accumulation after each out-of-memory failure (see safety.py)."""
+    import gc
+    recovery = OomRecovery(enabled=cfg.oom_recovery)
+    while True:
+        try:
+            return run_training(cfg, hp, model_dir, tok, enc, held, device, state, ckpt)
+        except BpError as exc:
+            if exc.code != "RUNTIME_OOM":
+                raise
+            step = int(exc.details.get("step") or 0)
+            hp.batch_size, hp.grad_accum = recovery.next_batch(hp.batch_size, hp.grad_accum, step)
+        gc.collect()
+        with contextlib.suppress(Exception):
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        ckpt = state.last_checkpoint or latest_checkpoint(state.output, state.reporter)
+        restore_state(state, ckpt)
+        state.oom_recoveries = recovery.history
+        state.reporter.event("oom_recovery", step=step, batch_size=hp.batch_size, grad_accum=hp.grad_accum,
+                             resume_from=str(ckpt) if ckpt else None, attempt=recovery.failures,
+                             run_id=state.run_id)
+        state.reporter.warn(f"out of memory at step {step}: continuing from "
+                            f"{ckpt.name if ckpt else 'the start'} with batch {hp.batch_size} x accumulation "
+                            f"{hp.grad_accum} (the same effective batch)")
+        recorded = next((x for x in runs.read_history(state.output) if x.get("run_id") == state.run_id), {})
+        runs.record(state.output, {"run_id": state.run_id, "hyperparameters": hp.as_dict(),
+                                   "config": {**(recorded.get("config") or {}), "batch_size": hp.batch_size,
+                                              "grad_accum": hp.grad_accum},
+                                   "oom_recoveries": recovery.history})
+
+
+def latest_checkpoint(out: Path, r: Reporter) -> Path | None:
+    """The newest intact checkpoint of the output directory, or None."""
+    for _step, path in reversed(checkpoints.listing(out)):
+        if checkpoints.read_meta(path) is not None:
+            return path
+    return None
+
+
 def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: DeviceFacts, state: RunState,
                  ckpt: Path | None) -> Trained:
     """Build the model and the trainer, train (or resume) to hp.max_steps, score the held-out rows."""
@@ -359,10 +425,8 @@ def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: 
     with graceful_stop(state):
         try:
             trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        except torch.OutOfMemoryError as exc:
-            raise out_of_memory(state, exc) from None
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if is_oom_error(exc):
                 raise out_of_memory(state, exc) from None
             raise
     if state.bar is not None:
@@ -371,6 +435,8 @@ def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: 
     steps = trainer.state.global_step
     if state.stop_signal is not None:
         raise stopped(state, steps)
+    if state.gpu_stop:
+        raise too_hot(state, steps)
     loss = state.eval_fn() if state.eval_fn else None
     if loss is not None:
         state.reporter.event("eval", step=steps, heldout_loss=loss, rows=len(held.examples))
@@ -425,7 +491,8 @@ def make_trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             st = self.bp_state
-            if st.faults.oom_at_step == self.state.global_step + 1:
+            if st.faults.oom_at_step == self.state.global_step + 1 and st.faults.oom_times > 0:
+                st.faults.oom_times -= 1
                 raise torch.OutOfMemoryError(f"injected out of memory at step {self.state.global_step + 1}")
             if st.faults.nan_at_step == self.state.global_step + 1:
                 with torch.no_grad():
@@ -529,7 +596,10 @@ def _make_event_callback():
                                  elapsed_s=round(elapsed, 2), eta_s=round(eta, 1) if eta is not None else None)
             if s.eval_steps and s.eval_fn is not None and step % s.eval_steps == 0 and step < s.max_steps:
                 s.reporter.event("eval", step=step, heldout_loss=s.eval_fn())
-            if s.stop_signal is not None:
+            if s.stop_signal is None and s.guard is not None and step < s.max_steps \
+                    and s.guard.at_step_boundary(step):
+                s.gpu_stop = True
+            if s.stop_signal is not None or s.gpu_stop:
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -586,6 +656,15 @@ def stopped(state: RunState, step: int) -> BpError:
     return BpError(code, f"run {state.run_id} stopped at step {step} of {state.max_steps}; {where}",
                    hint=f"continue with: bp-train --resume {state.run_id} -o {state.output}",
                    details={"run_id": state.run_id, "step": step,
+                            "checkpoint": str(state.last_checkpoint) if state.last_checkpoint else None})
+
+
+def too_hot(state: RunState, step: int) -> BpError:
+    where = f"checkpoint {state.last_checkpoint}" if state.last_checkpoint else "no checkpoint"
+    return BpError("GPU_TEMPERATURE_CRITICAL", f"run {state.run_id} stopped at step {step}: "
+                   f"{state.guard.stop_reason}; {where}",
+                   hint=f"let the card cool, check its airflow, then: bp-train --resume {state.run_id} -o {state.output}",
+                   details={"run_id": state.run_id, "step": step, **state.guard.summary(),
                             "checkpoint": str(state.last_checkpoint) if state.last_checkpoint else None})
 
 
@@ -660,7 +739,8 @@ def run_facts(manifest: dict, state: RunState) -> dict:
 def fail_run(out: Path, run_id: str, exc: BaseException, state: RunState) -> None:
     """Record how a run ended when it did not complete (history only; never masks the error)."""
     from bp_common.cli import Terminated
-    if isinstance(exc, BpError) and exc.code in ("RUNTIME_INTERRUPTED", "RUNTIME_TERMINATED") \
+    if isinstance(exc, BpError) and exc.code in ("RUNTIME_INTERRUPTED", "RUNTIME_TERMINATED",
+                                                 "GPU_TEMPERATURE_CRITICAL") \
             or isinstance(exc, (KeyboardInterrupt, Terminated)):
         status = "interrupted"
     else:
