@@ -6,6 +6,7 @@ run history. The work is in trainer.train(); this module parses and dispatches.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from bp_common.cli import add_subparsers, entry, make_parser
@@ -213,6 +214,21 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--max-cool-wait", type=_nonneg(float), default=600.0, metavar="S",
                    help="seconds to wait for a critical GPU to cool; then checkpoint and exit 75 (retryable)")
 
+    g = t.add_argument_group("several GPUs or machines (docs/recipes.md)")
+    g.add_argument("--launch", choices=("torchrun", "accelerate"), default=None,
+                   help="run this training under torchrun or accelerate launch (DDP; FSDP/DeepSpeed through "
+                        "--accelerate-config); bp-train itself also runs unchanged when started by either")
+    g.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="with --launch: processes (GPUs) per machine")
+    g.add_argument("--nnodes", type=int, default=1, metavar="N", help="with --launch: machines")
+    g.add_argument("--node-rank", type=int, default=0, metavar="I", help="with --launch: this machine's index")
+    g.add_argument("--master-addr", default=None, metavar="HOST",
+                   help="with --launch and --nnodes > 1: address of machine 0 (rendezvous)")
+    g.add_argument("--master-port", type=int, default=29500, metavar="PORT",
+                   help="with --launch and --nnodes > 1: rendezvous port on machine 0")
+    g.add_argument("--accelerate-config", default=None, metavar="FILE",
+                   help="with --launch accelerate: an accelerate config file (DDP, FSDP, DeepSpeed ZeRO)")
+
     g = t.add_argument_group("checkpoints and progress")
     g.add_argument("--save-steps", type=_nonneg(int), default=100, metavar="N",
                    help="checkpoint every N steps (0: only when stopped by a signal and at the end)")
@@ -250,8 +266,15 @@ def config_from_args(args) -> TrainConfig:
 
 def run(args, ctx):
     if args.command == "train":
+        from .distributed import is_main
+        if args.launch:
+            return launch(args, ctx)
+        if not is_main():  # under a launcher only rank 0 prints a manifest or an error envelope on stdout
+            sys.stdout = sys.stderr
         from .trainer import train
         manifest = train(config_from_args(args), reporter=ctx.r)
+        if manifest is None:
+            return None
         ctx.summary(f"adapter: {Path(manifest['root']) / manifest['adapter_dir']} (run {manifest['run_id']}, "
                     f"{manifest['steps']} steps, final loss {manifest['final_loss']:.4g})")
         return manifest
@@ -274,6 +297,47 @@ def run(args, ctx):
         cfg = reports.replay_config(where, args.run_id, args.overrides, to=args.to, force=args.force)
         return train(cfg, reporter=ctx.r)
     raise BpError("INPUT_USAGE", "no command given", hint="bp-train --help")
+
+
+LAUNCH_FLAGS = {"--launch": 1, "--nproc-per-node": 1, "--nnodes": 1, "--node-rank": 1, "--master-addr": 1,
+                "--master-port": 1, "--accelerate-config": 1}
+
+
+def launch(args, ctx):
+    """Re-run this command line under torchrun / accelerate launch; its rank 0 prints the manifest."""
+    import subprocess
+    from .distributed import describe, launch_command
+    argv = strip_launch_flags(sys.argv[1:])
+    if args.input in (None, "-"):  # the ranks cannot share stdin: keep the piped manifest in a file
+        from bp_common.io import atomic_write
+        data = sys.stdin.buffer.read()
+        if not data.strip():
+            raise BpError("INPUT_USAGE", "no input: give a dataset manifest path or pipe one in")
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        kept = Path(args.output) / "launch-input.json"
+        atomic_write(kept, data)
+        argv = [a for a in argv if a != "-"] + [str(kept)]
+    cmd = launch_command(args.launch, args.nproc_per_node, argv, nnodes=args.nnodes, node_rank=args.node_rank,
+                         master_addr=args.master_addr, master_port=args.master_port,
+                         accelerate_config=args.accelerate_config)
+    ctx.r.info(f"launching: {describe(cmd)}")
+    sys.stdout.flush()
+    rc = subprocess.run(cmd, stdin=subprocess.DEVNULL).returncode
+    return None, rc
+
+
+def strip_launch_flags(argv: list[str]) -> list[str]:
+    out, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = a.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            skip = 0 if "=" in a else LAUNCH_FLAGS[name]
+            continue
+        out.append(a)
+    return out
 
 
 main = entry(TOOL, get_parser, run)

@@ -201,6 +201,7 @@ class DeviceFacts:
     kind: str = "cpu"             # cuda, mps or cpu
     gpu_gb: float | None = None   # memory of the smallest GPU
     bf16: bool = False            # bf16 supported on the accelerator
+    world: int = 1                # processes training together (torchrun / accelerate launch)
 
 
 def parse_targets(text: str) -> list[str] | str:
@@ -306,10 +307,11 @@ def resolve(cfg: TrainConfig, *, train_rows: int, device: DeviceFacts, model_pre
     elif plan and plan.get("grad_accum") and cfg.batch_size == AUTO:
         accum = pick("grad_accum", int(plan["grad_accum"]), "bp-vram plan")
     else:
-        accum = pick("grad_accum", max(1, TARGET_EFFECTIVE_BATCH // batch),
-                     f"effective batch {TARGET_EFFECTIVE_BATCH}")
+        accum = pick("grad_accum", max(1, TARGET_EFFECTIVE_BATCH // (batch * device.world)),
+                     f"effective batch {TARGET_EFFECTIVE_BATCH}" + (f" over {device.world} processes"
+                                                                   if device.world > 1 else ""))
 
-    steps_per_epoch = max(1, math.ceil(train_rows / (batch * accum)))
+    steps_per_epoch = max(1, math.ceil(train_rows / (batch * accum * device.world)))
     max_steps = cfg.steps if cfg.steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs))
     if cfg.warmup_steps != AUTO:
         warmup = cfg.warmup_steps

@@ -82,7 +82,13 @@ def _write(output: Path, runs: list[dict]) -> None:
 
 
 def record(output: Path, run: dict) -> dict:
-    """Insert or update (by run_id) a run record; returns the stored record."""
+    """Insert or update (by run_id) a run record; returns the stored record.
+
+    Under torchrun/accelerate only rank 0 keeps the history: on the other ranks this writes nothing.
+    """
+    from .distributed import is_main
+    if not is_main():
+        return dict(run)
     output = Path(output)
     with locked(output):
         runs = read_history(output)

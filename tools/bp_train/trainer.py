@@ -32,6 +32,7 @@ from bp_common.progress import Reporter
 from . import checkpoints, runs
 from .config import DeviceFacts, TrainConfig, model_preset_of, resolve
 from .dataset import DATA_DIR, dataset_summary, encode_rows, read_rows, read_source
+from .distributed import barrier, check_input_for_ranks, is_main, sum_across_ranks, world_size
 from .safety import OomRecovery, is_oom_error, open_guard
 
 TOOL = "bp-train"
@@ -105,8 +106,11 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
     if on_event is not None:
         r.callback = on_event
     config.check()
+    check_input_for_ranks(config.data, config.model)
+    if not is_main():  # under a launcher, rank 0 speaks and writes for everyone
+        r = Reporter(TOOL, level="error", quiet=True)
     out = Path(config.output)
-    with OutputLock(out):
+    with OutputLock(out) if is_main() else contextlib.nullcontext():
         return _train(config, out, r, faults or Faults())
 
 
@@ -186,11 +190,13 @@ def _train(cfg: TrainConfig, out: Path, r: Reporter, faults: Faults) -> Manifest
     restore_state(state, ckpt)
     state.on_save = lambda step, path: saved(state, step, path)
     try:
-        state.guard = open_guard(device.kind, r, enabled=cfg.gpu_monitor, critical_c=cfg.gpu_temp_critical,
+        state.guard = open_guard(device.kind, r, enabled=cfg.gpu_monitor and is_main(), critical_c=cfg.gpu_temp_critical,
                                  max_wait_s=cfg.max_cool_wait, sensor=faults.gpu_sensor,
                                  poll_s=None if faults.gpu_sensor is not None else 15.0,
                                  cool_poll_s=0.0 if faults.gpu_sensor is not None else 5.0)
         result = train_with_oom_recovery(cfg, hp, model_dir, tok, enc, held, device, state, ckpt)
+        if not is_main():
+            return None
         manifest = publish(out, cfg, hp, src, base_ref, model_dir, result, state, fp, run_id,
                            duration=state.elapsed(), tok=tok)
     except BaseException as exc:
@@ -220,7 +226,8 @@ def device_facts() -> DeviceFacts:
     from bp_common.device import detect
     info = detect()
     gb = min((g.total_gb for g in info.gpus), default=None)
-    return DeviceFacts(kind=info.kind, gpu_gb=gb, bf16=info.bf16 if info.kind == "cuda" else False)
+    return DeviceFacts(kind=info.kind, gpu_gb=gb, bf16=info.bf16 if info.kind == "cuda" else False,
+                       world=world_size())
 
 
 def warn_if_prepared_for_another_tokenizer(dataset: dict, model_dir: Path, r: Reporter) -> None:
@@ -462,7 +469,7 @@ def build_trainer(model, tok, examples: list[dict], hp, state: RunState, device:
         gradient_checkpointing=hp.gradient_checkpointing,
         logging_strategy="no", save_strategy="steps" if hp.save_steps else "no",
         save_steps=hp.save_steps or 1, save_total_limit=None, report_to="none", disable_tqdm=True,
-        log_level="error", dataloader_num_workers=0,
+        log_level="error", dataloader_num_workers=0, ddp_find_unused_parameters=False,
         padding_free=batching == "padding-free", packing=batching == "packed",
         max_length=None if batching == "padding-free" else hp.seq_len,
         train_sampling_strategy="group_by_length" if batching == "length-grouped" else "random",
@@ -507,15 +514,25 @@ def make_trainer_class():
 
         def _save_checkpoint(self, model, trial):
             # HF writes <output_dir>/checkpoint-N; point it at a .partial staging dir and publish atomically.
+            # Under a launcher rank 0 prepares the staging dir, every rank writes its part (rank 0 the
+            # weights and optimizer, each rank its RNG state), and rank 0 publishes once all are done.
             st = self.bp_state
             step = self.state.global_step
-            staged = checkpoints.staging(st.output, step)
+            if is_main():
+                staged = checkpoints.staging(st.output, step)
+            barrier()
+            staged = checkpoints.partial_path(checkpoints.step_dir(st.output, step))
             real = self.args.output_dir
             self.args.output_dir = str(staged)
             try:
                 Trainer._save_checkpoint(self, model, trial)
             finally:
                 self.args.output_dir = real
+            barrier()
+            if not is_main():
+                barrier()
+                st.last_checkpoint = checkpoints.step_dir(st.output, step)
+                return
             inner = staged / f"checkpoint-{step}"
             for p in inner.iterdir():
                 p.rename(staged / p.name)
@@ -526,6 +543,7 @@ def make_trainer_class():
                 "label_tokens_seen": st.label_tokens_seen, "elapsed_s": st.elapsed()})
             st.last_checkpoint = final
             checkpoints.rotate(st.output, max(1, st.keep_checkpoints))
+            barrier()
             if st.on_save is not None:
                 st.on_save(step, final)
 
@@ -573,6 +591,16 @@ def _make_event_callback():
         def on_step_end(self, args, state, control, **kwargs):
             s = self.s
             step = state.global_step
+            if s.stop_signal is None and s.guard is not None and step < s.max_steps \
+                    and s.guard.at_step_boundary(step):
+                s.gpu_stop = True
+            if world_size() > 1:  # the loss averaged over the tokens of all ranks; stop together
+                total, tok, lab, sig, hot = sum_across_ranks(s.step_loss, s.step_tokens, s.step_label_tokens,
+                                                            s.stop_signal is not None, s.gpu_stop)
+                s.step_loss, s.step_tokens, s.step_label_tokens = total / world_size(), int(tok), int(lab)
+                if sig and s.stop_signal is None:
+                    s.stop_signal = signal.SIGTERM
+                s.gpu_stop = bool(hot)
             loss = s.step_loss
             s.tokens_seen += s.step_tokens
             s.label_tokens_seen += s.step_label_tokens
@@ -596,9 +624,6 @@ def _make_event_callback():
                                  elapsed_s=round(elapsed, 2), eta_s=round(eta, 1) if eta is not None else None)
             if s.eval_steps and s.eval_fn is not None and step % s.eval_steps == 0 and step < s.max_steps:
                 s.reporter.event("eval", step=step, heldout_loss=s.eval_fn())
-            if s.stop_signal is None and s.guard is not None and step < s.max_steps \
-                    and s.guard.at_step_boundary(step):
-                s.gpu_stop = True
             if s.stop_signal is not None or s.gpu_stop:
                 control.should_save = True
                 control.should_training_stop = True
