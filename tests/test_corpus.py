@@ -117,6 +117,8 @@ ELSEWHERE = {
     "GPU_MONITOR_FAILED": "needs a GPU; device fakes in bp-train tests",
     "EVAL_REGRESSED": "the gate's verdict, not a bad input; test_eval_cli",
     "TRAIN_DIVERGED": "a run whose loss explodes; test_train_sft",
+    "RUNTIME_OOM_RECOVERY_EXHAUSTED": "injected OOMs; test_train_safety",
+    "GPU_TEMPERATURE_CRITICAL": "a fake hot sensor; test_train_safety",
 }
 
 
