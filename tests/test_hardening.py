@@ -134,3 +134,41 @@ def test_secrets_never_reach_stdout_stderr_or_events(secret, tmp_path):
         blob = r.stdout + r.stderr + (events.read_text() if events.exists() else "")
         for part in ("abcdefghijklmnopqrstu", "sekritsekrit123", "hunter2pass"):
             assert part not in blob, (cmd, blob[-500:])
+
+
+def test_train_survives_kill_9_at_random_moments_and_resume_matches(tiny_llama, tmp_path):
+    """Killed again and again, each time continued with --resume auto: the same adapter as one straight run."""
+    from safetensors.torch import load_file
+    from bp_train import checkpoints
+    from helpers.training import prepared
+    args = [str(prepared(str(tiny_llama))), "--steps", "24", "--lr", "5e-3", "--save-steps", "3",
+            "--lora-dropout", "0.1", "--log-steps", "1", "--resume", "auto"]
+    ref = tmp_path / "ref"
+    t = time.perf_counter()
+    r = subprocess.run(tool_cmd("bp-train") + args + ["-o", str(ref)], capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+
+    def check(d):
+        assert json.loads((d / "manifest.json").read_text())["steps"] == 24
+
+    rng = random.Random(21)
+    for _ in range(KILLS):
+        p = subprocess.Popen(tool_cmd("bp-train") + args + ["-o", str(out)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0, elapsed))  # the random moment of the kill; not synchronisation
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if out.exists():  # every published checkpoint is whole; the adapter appears only with its manifest
+            for _step, ckpt in checkpoints.listing(out):
+                assert checkpoints.read_meta(ckpt) is not None and (ckpt / "adapter_model.safetensors").exists()
+            assert (out / "adapter").exists() <= (out / "manifest.json").exists()
+            assert_complete_or_absent(out, check) if (out / "manifest.json").exists() else None
+    r = subprocess.run(tool_cmd("bp-train") + args + ["-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    a, b = json.loads((ref / "manifest.json").read_text()), json.loads(r.stdout)
+    assert abs(a["final_loss"] - b["final_loss"]) <= 1e-6
+    ta = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    tb = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert ta.keys() == tb.keys() and max(float((ta[k] - tb[k]).abs().max()) for k in ta) <= 1e-6
