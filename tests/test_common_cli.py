@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -189,3 +190,19 @@ def test_version_and_verbose_version():
 def test_uncatalogued_code_is_a_bug():
     with pytest.raises(ValueError):
         BpError("NOT_A_REAL_CODE", "x")
+
+
+def test_number_types_take_bounds_auto_and_refuse_the_rest():
+    import argparse
+    from bp_common.cli import number
+    unit = number(float, low=0, high=1, high_open=True)
+    assert unit("0") == 0.0 and unit("0.5") == 0.5
+    for bad, words in (("1", "in [0, 1)"), ("-0.1", "in [0, 1)"), ("nan", "finite"), ("x", "not a number")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(words)):
+            unit(bad)
+    positive = number(int, low=0, low_open=True, auto=True)
+    assert positive("auto") == "auto" and positive("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match="> 0"):
+        positive("0")
+    with pytest.raises(argparse.ArgumentTypeError, match="not an integer or auto"):
+        positive("2.5")

@@ -64,6 +64,38 @@ class BpArgumentParser(argparse.ArgumentParser):
         return [self.default_command] + args
 
 
+def number(kind: type = int, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False, auto: bool = False) -> Callable[[str], object]:
+    """An argparse type for a finite int or float within bounds, or the word `auto` when auto=True.
+
+    number(int, low=1) is a positive integer; number(float, low=0, high=1, high_open=True) is [0, 1).
+    """
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        if auto and str(text).strip().lower() == "auto":
+            return "auto"
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}{' or auto' if auto else ''}: {text!r}") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        too_low = low is not None and (v < low or (low_open and v == low))
+        too_high = high is not None and (v > high or (high_open and v == high))
+        if too_low or too_high:
+            if low is not None and high is not None:
+                rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            elif low is not None:
+                rule = f"{'>' if low_open else '>='} {low:g}"
+            else:
+                rule = f"{'<' if high_open else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return v
+    parse.__name__ = f"{kind.__name__}{'_or_auto' if auto else ''}"  # argparse names the type in errors
+    return parse
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Shows defaults and keeps the description's line breaks (examples in epilogs)."""
 

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bp_common.cli import add_subparsers, entry, make_parser
+from bp_common.cli import add_subparsers, entry, make_parser, number
 from bp_common.errors import BpError
 
 from .metrics import DEFAULT_METRICS, METRICS
@@ -42,54 +42,21 @@ exit codes: 0 ok (or accepted); 65 the gate rejected the candidate (EVAL_REGRESS
   64 bad input or setting; 66 input not found; 73 output holds other results (--force); 75 output locked"""
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
 
 
-def _margin(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
 
 
-def _temperature(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return v
 
 
-def _top_p(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return v
+
+
+_positive = number(int, low=1)
+_count = number(int, low=0)
+_margin = number(float, low=0)
+_temperature = number(float)
+_top_p = number(float, low=0, high=1, low_open=True)
 
 
 def _add_model_options(p) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bp_common.cli import entry, make_parser
+from bp_common.cli import entry, make_parser, number
 from bp_common.errors import BpError
 from bp_common.formats import FORMATS
 
@@ -34,34 +34,15 @@ exit codes: 0 ok; 65 invalid rows, unreadable data or a failed report gate; 66 i
   73 output holds other results (--force); 75 output locked by another run"""
 
 
-def _ratio(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return v
 
 
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {v}")
-    return v
 
 
-def _count(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+
+
+_ratio = number(float, low=0, high=1, high_open=True)
+_fraction = number(float, low=0, high=1)
+_count = number(int, low=0)
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bp_common.cli import add_subparsers, entry, make_parser
+from bp_common.cli import add_subparsers, entry, make_parser, number
 from bp_common.errors import BpError
 from bp_common.presets import LORA_PRESETS
 
@@ -40,38 +40,22 @@ exit codes: 0 ok; 64 bad setting; 65 bad data or the loss diverged; 66 input or 
   exhausted or off)"""
 
 
+
+
+
+
+
+
+
 def _auto(kind):
-    def parse(text: str):
-        if str(text).strip().lower() == AUTO:
-            return AUTO
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return v
-    parse.__name__ = f"{kind.__name__}_or_auto"
-    return parse
+    return number(kind, low=0, low_open=True, auto=True)
 
 
 def _nonneg(kind):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-        return v
-    parse.__name__ = kind.__name__
-    return parse
+    return number(kind, low=0)
 
 
-def _warmup(text: str):
-    if str(text).strip().lower() == AUTO:
-        return AUTO
-    return _nonneg(int)(text)
+_warmup = number(int, low=0, auto=True)
 
 
 def get_parser() -> argparse.ArgumentParser:

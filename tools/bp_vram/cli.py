@@ -6,7 +6,7 @@ import sys
 
 from bp_common import manifest as mf
 from bp_common import vram
-from bp_common.cli import entry, make_parser
+from bp_common.cli import entry, make_parser, number
 from bp_common.errors import BpError
 
 TOOL = "bp-vram"
@@ -33,28 +33,15 @@ exit codes: 0 ok (also when it does not fit: see "fits"); 64 bad setting or unsu
   66 model not found"""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
 
 
-def _batch(text: str):
-    return "auto" if text == "auto" else _positive_int(text)
 
 
-def _gb(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < v <= 4096:
-        raise argparse.ArgumentTypeError(f"must be in (0, 4096], got {v}")
-    return v
+
+
+_positive_int = number(int, low=1)
+_batch = number(int, low=1, auto=True)
+_gb = number(float, low=0, high=4096, low_open=True)
 
 
 def get_parser() -> argparse.ArgumentParser:
