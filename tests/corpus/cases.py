@@ -68,6 +68,34 @@ def _truncate_weights(m: Path) -> None:
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
+def _gpt2_architecture(m: Path) -> None:
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["architectures"] = ["GPTNeoXForCausalLM"]
+    (m / "config.json").write_text(json.dumps(cfg))
+
+
+def _no_tokenizer(m: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer.model"):
+        if (m / name).exists():
+            (m / name).unlink()
+
+
+def _odd_pre_tokenizer(m: Path) -> None:
+    tj = json.loads((m / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "\\d+|\\s+|[^\\d\\s]+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (m / "tokenizer.json").write_text(json.dumps(tj))
+
+
+def _dora_adapter(d: Path, fx: dict) -> None:
+    import shutil
+    shutil.copytree(fx["adapter"], d / "dora")
+    cfg = json.loads((d / "dora" / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (d / "dora" / "adapter_config.json").write_text(json.dumps(cfg))
+
+
 def _pickle_only(m: Path) -> None:
     (m / "model.safetensors").unlink()
     import pickle
@@ -227,6 +255,32 @@ CASES: list[Case] = [
     Case("merge-upstream-error", "bp-merge", ["-o", "{out}"], "DATASET_EMPTY",
          stdin=json.dumps({"schema_version": 1, "kind": "error", "code": "DATASET_EMPTY", "message": "m",
                            "hint": "h", "retryable": False, "exit_code": 65, "tool": "bp-prep", "details": {}})),
+    # ---- bp-gguf: models to GGUF ------------------------------------------------------------------
+    Case("gguf-truncated-weights", "bp-gguf", ["{dir}/model", "-o", "{out}", "--no-verify"],
+         "EXPORT_WEIGHTS_INVALID", model_copy(_truncate_weights)),
+    Case("gguf-nan-weights", "bp-gguf", ["{dir}/model", "-o", "{out}", "--no-verify"], "EXPORT_WEIGHTS_INVALID",
+         model_copy(_nan_weights)),
+    Case("gguf-pickle-weights", "bp-gguf", ["{dir}/model", "-o", "{out}"], "INPUT_PICKLE_REFUSED",
+         model_copy(_pickle_only)),
+    Case("gguf-quantized-model", "bp-gguf", ["{dir}/model", "-o", "{out}"], "EXPORT_BASE_UNSUPPORTED",
+         model_copy(_quantized_base)),
+    Case("gguf-unknown-architecture", "bp-gguf", ["{dir}/model", "-o", "{out}"], "EXPORT_UNSUPPORTED_ARCH",
+         model_copy(_gpt2_architecture)),
+    Case("gguf-missing-tokenizer", "bp-gguf", ["{dir}/model", "-o", "{out}"], "EXPORT_TOKENIZER_UNSUPPORTED",
+         model_copy(_no_tokenizer)),
+    Case("gguf-unknown-pre-tokenizer", "bp-gguf", ["{dir}/model", "-o", "{out}"], "EXPORT_TOKENIZER_UNSUPPORTED",
+         model_copy(_odd_pre_tokenizer)),
+    Case("gguf-bad-pre-tokenizer-name", "bp-gguf", ["{model}", "--pre-tokenizer", "nonsense", "-o", "{out}"],
+         "INPUT_INVALID"),
+    Case("gguf-bad-type", "bp-gguf", ["{model}", "-q", "q9_9", "-o", "{out}"], "INPUT_INVALID"),
+    Case("gguf-wrong-manifest-kind", "bp-gguf", ["-o", "{out}"], "INPUT_MANIFEST_KIND", stdin=manifest_text("gguf")),
+    Case("gguf-missing-model", "bp-gguf", ["{dir}/nothing", "-o", "{out}"], "INPUT_NOT_FOUND"),
+    Case("gguf-no-output", "bp-gguf", ["{model}"], "INPUT_USAGE"),
+    Case("gguf-dora-adapter", "bp-gguf", ["--adapter", "{dir}/dora", "{model}", "-o", "{out}"],
+         "EXPORT_ADAPTER_UNSUPPORTED", _dora_adapter, needs=("adapter",)),
+    Case("gguf-inspect-not-gguf", "bp-gguf", ["inspect", "{dir}/x.gguf"], "INPUT_INVALID",
+         write("x.gguf", "not a gguf file at all")),
+    Case("gguf-inspect-missing", "bp-gguf", ["inspect", "{dir}/none.gguf"], "INPUT_NOT_FOUND"),
     # ---- bp-vram: models and plans ---------------------------------------------------------------
     Case("vram-unknown-architecture", "bp-vram", ["{dir}"], "INPUT_INVALID",
          write("config.json", '{"model_type": "gpt_neox", "hidden_size": 64}')),

@@ -4,14 +4,13 @@ Nothing is loaded here: tensors are read later, block by block, by the merge.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bp_common.errors import BpError
-from bp_common.models import PICKLE_SUFFIXES, read_config, resolve_model
+from bp_common.models import read_config, resolve_model
 
-from .shards import DTYPES, QUANTIZED_DTYPES, PickleReader, SafetensorsReader, TensorInfo
+from bp_common.weights import DTYPES, QUANTIZED_DTYPES, PickleReader, SafetensorsReader, TensorInfo, weight_files
 
 # Names of the input-embedding tensor across common architectures, and of the output head.
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
@@ -98,28 +97,3 @@ def open_base(ref: str, allow_pickle: bool = False) -> BaseModel:
     if not base.tensors:
         raise BpError("EXPORT_WEIGHTS_INVALID", f"{ref}: the weight files hold no tensors")
     return base
-
-
-def weight_files(path: Path) -> tuple[list[Path], bool]:
-    """The weight files of a model directory, in index order; (files, is_pickle)."""
-    for index_name, pickle in (("model.safetensors.index.json", False), ("pytorch_model.bin.index.json", True)):
-        index = path / index_name
-        if index.is_file():
-            if pickle and any(path.glob("*.safetensors")):
-                continue
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise BpError("EXPORT_WEIGHTS_INVALID", f"{index} is not a valid weight index: {exc}") from None
-            names = list(dict.fromkeys(weight_map.values()))
-            return [path / n for n in names], pickle
-    st = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_"))
-    if len(st) > 1:  # Mistral-style repos carry the same weights twice: consolidated.safetensors is the copy
-        st = [p for p in st if not p.name.startswith("consolidated")] or st
-    if st:
-        return st, False
-    pk = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and not p.name.startswith(("adapter_",
-                                                                                                      "training_")))
-    if pk:
-        return pk, True
-    raise BpError("INPUT_NOT_FOUND", f"{path} has no model weights (*.safetensors)")

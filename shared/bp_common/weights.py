@@ -1,0 +1,245 @@
+"""Model weights on disk, read one tensor (or one block of rows) at a time, without torch.
+
+Safetensors files are memory-mapped; only the rows asked for are copied, then the kernel is told
+to drop those pages from this process, so resident memory stays near one block however large the
+model is. Headers are checked against the file size, so a truncated download is an error
+(EXPORT_WEIGHTS_INVALID), never silently short weights. Pickle checkpoints are read only when the
+caller allows it (weights_only, memory-mapped). Used by bp-merge and bp-gguf.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BpError
+
+# safetensors dtype name -> (numpy dtype used to hold the raw bytes, is floating point)
+DTYPES: dict[str, tuple[str, bool]] = {
+    "F64": ("<f8", True), "F32": ("<f4", True), "F16": ("<f2", True), "BF16": ("<u2", True),
+    "I64": ("<i8", False), "I32": ("<i4", False), "I16": ("<i2", False), "I8": ("i1", False),
+    "U64": ("<u8", False), "U32": ("<u4", False), "U16": ("<u2", False), "U8": ("u1", False),
+    "BOOL": ("?", False),
+}
+# Float8 and friends mean the checkpoint is stored quantized: not a base we can merge into.
+QUANTIZED_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2")
+_PAGE = mmap.PAGESIZE
+HEADER_LIMIT = 100 << 20  # a header larger than this is corrupt, not a model
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return DTYPES.get(self.dtype, ("", False))[1]
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.end - self.begin) // max(1, self.rows)
+
+
+def itemsize(dtype: str) -> int:
+    return np.dtype(DTYPES[dtype][0]).itemsize
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
+    """Parse a safetensors header and check the file is long enough to hold every tensor.
+
+    Returns (tensors by name, __metadata__). A short, empty or garbled file raises
+    EXPORT_WEIGHTS_INVALID naming the file: a truncated download must never merge silently.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise _invalid(path, f"{size} bytes: too short to be safetensors")
+            (n,) = struct.unpack("<Q", raw)
+            if n > HEADER_LIMIT or 8 + n > size:
+                raise _invalid(path, "the header length is larger than the file (truncated or not safetensors)")
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        raise BpError("EXPORT_WEIGHTS_INVALID", f"weight file {path} is missing",
+                      hint="the index names a shard that is not there: re-download the model") from None
+    except (UnicodeDecodeError, ValueError):
+        raise _invalid(path, "the header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _invalid(path, "the header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    for name, spec in header.items():
+        try:
+            dtype, shape, (b, e) = spec["dtype"], tuple(int(d) for d in spec["shape"]), spec["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise _invalid(path, f"tensor {name} has a malformed header entry") from None
+        if dtype in DTYPES:
+            expect = int(np.prod(shape, dtype=np.int64)) * itemsize(dtype)
+            if e - b != expect:
+                raise _invalid(path, f"tensor {name}: {e - b} bytes for shape {list(shape)} {dtype}")
+        if start + e > size:
+            raise _invalid(path, f"tensor {name} ends at byte {start + e} but the file has {size} bytes "
+                                 "(truncated)")
+        tensors[name] = TensorInfo(name, dtype, shape, start + b, start + e)
+    return tensors, meta
+
+
+def _invalid(path: Path, why: str) -> BpError:
+    return BpError("EXPORT_WEIGHTS_INVALID", f"{path}: {why}", details={"file": str(path)})
+
+
+class SafetensorsReader:
+    """Reads rows of tensors from one safetensors file through a read-only memory map."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.tensors, self.metadata = read_header(self.path)
+        self._fh = None
+        self._mm = None
+
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            self._fh = open(self.path, "rb")
+            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def raw(self, name: str, row0: int = 0, row1: int | None = None) -> np.ndarray:
+        """A copy of rows [row0, row1) of a tensor, in its stored dtype (bf16 as uint16)."""
+        info = self.tensors[name]
+        row1 = info.rows if row1 is None else row1
+        b = info.begin + row0 * info.row_bytes
+        e = info.begin + row1 * info.row_bytes
+        mm = self._map()
+        try:
+            out = np.frombuffer(mm, dtype=DTYPES[info.dtype][0], count=(e - b) // itemsize(info.dtype),
+                                offset=b).copy()
+        except (ValueError, OSError) as exc:  # the file shrank under us
+            raise _invalid(self.path, f"cannot read tensor {name}: {exc}") from None
+        self._drop(b, e)
+        shape = ((row1 - row0),) + info.shape[1:] if info.shape else ()
+        return out.reshape(shape)
+
+    def rows_f32(self, name: str, row0: int = 0, row1: int | None = None) -> np.ndarray:
+        """Rows of a floating-point tensor as float32 (a fresh array the caller may modify)."""
+        return to_f32(self.raw(name, row0, row1), self.tensors[name].dtype)
+
+    def _drop(self, b: int, e: int) -> None:
+        # Pages we copied from are clean file pages: dropping them frees our RSS, not the cache.
+        start = (b // _PAGE) * _PAGE
+        if hasattr(self._mm, "madvise") and e > start:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, start, e - start)
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._fh.close()
+            self._mm = self._fh = None
+
+
+class PickleReader:
+    """Reads a torch pickle checkpoint (only with --allow-pickle): weights_only, memory-mapped."""
+
+    def __init__(self, path: Path | str):
+        import torch
+        self.path = Path(path)
+        try:
+            state = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises many types for a corrupt zip/pickle
+            raise _invalid(self.path, f"cannot read the pickle checkpoint: {str(exc).splitlines()[0]}") from None
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        self._state = {k: v for k, v in state.items() if hasattr(v, "shape")}
+        self.tensors = {}
+        for k, v in self._state.items():
+            dtype = _torch_dtype_name(v.dtype)
+            shape = tuple(v.shape)
+            n = int(np.prod(shape, dtype=np.int64)) * (itemsize(dtype) if dtype in DTYPES else 1)
+            self.tensors[k] = TensorInfo(k, dtype, shape, 0, n)
+        self.metadata = {}
+
+    def raw(self, name: str, row0: int = 0, row1: int | None = None) -> np.ndarray:
+        import torch
+        t = self._state[name]
+        t = t[row0:row1] if t.dim() else t
+        if t.dtype == torch.bfloat16:
+            return t.contiguous().view(torch.int16).numpy().view("<u2").copy()
+        return t.contiguous().numpy().copy()
+
+    def rows_f32(self, name: str, row0: int = 0, row1: int | None = None) -> np.ndarray:
+        return to_f32(self.raw(name, row0, row1), self.tensors[name].dtype)
+
+    def close(self) -> None:
+        self._state = {}
+
+
+def _torch_dtype_name(dtype) -> str:
+    name = str(dtype).replace("torch.", "")
+    return {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+            "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}.get(name, name.upper())
+
+
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values -> float32. bf16 is the top half of a float32, so widening is exact."""
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "F32":
+        return raw
+    return raw.astype(np.float32)
+
+
+
+
+def weight_files(path: Path) -> tuple[list[Path], bool]:
+    """The weight files of a model directory, in index order; (files, is_pickle)."""
+    for index_name, pickle in (("model.safetensors.index.json", False), ("pytorch_model.bin.index.json", True)):
+        index = path / index_name
+        if index.is_file():
+            if pickle and any(path.glob("*.safetensors")):
+                continue
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise BpError("EXPORT_WEIGHTS_INVALID", f"{index} is not a valid weight index: {exc}") from None
+            names = list(dict.fromkeys(weight_map.values()))
+            return [path / n for n in names], pickle
+    st = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_"))
+    if len(st) > 1:  # Mistral-style repos carry the same weights twice: consolidated.safetensors is the copy
+        st = [p for p in st if not p.name.startswith("consolidated")] or st
+    if st:
+        return st, False
+    from .models import PICKLE_SUFFIXES
+    pk = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and not p.name.startswith(("adapter_",
+                                                                                                      "training_")))
+    if pk:
+        return pk, True
+    raise BpError("INPUT_NOT_FOUND", f"{path} has no model weights (*.safetensors)")
+
+
+def open_reader(path: Path, pickle: bool = False):
+    """A reader for one weight file: SafetensorsReader, or PickleReader when pickle is allowed."""
+    return PickleReader(path) if pickle else SafetensorsReader(path)
