@@ -173,15 +173,12 @@ def _bpe_vocab(tj: Path, data: dict, pre_override: str | None) -> Vocab:
 def _spm_vocab(path: Path, model_dir: Path) -> Vocab:
     try:
         import sentencepiece as spm
-        from sentencepiece import sentencepiece_model_pb2 as pb
     except ImportError:
         raise BpError("DEP_MISSING", "a SentencePiece tokenizer needs the sentencepiece package",
                       hint="pip install sentencepiece") from None
     try:
         proc = spm.SentencePieceProcessor(model_file=str(path))
-        proto = pb.ModelProto()
-        proto.ParseFromString(path.read_bytes())
-    except (OSError, RuntimeError, Exception) as exc:  # sentencepiece raises plain RuntimeError/OSError
+    except (OSError, RuntimeError) as exc:
         raise BpError("EXPORT_TOKENIZER_UNSUPPORTED", f"{path} is not a SentencePiece model: {exc}") from None
     tokens, types, scores = [], [], []
     for i in range(proc.vocab_size()):
@@ -210,7 +207,8 @@ def _spm_vocab(path: Path, model_dir: Path) -> Vocab:
             types[tid] = CONTROL if special else USER_DEFINED
         elif special:
             types[tid] = CONTROL
-    add_prefix = bool(proto.normalizer_spec.add_dummy_prefix)
+    # The normalizer's add_dummy_prefix, observed rather than read from the protobuf (no protobuf needed).
+    add_prefix = proc.encode_as_pieces("a")[:1] == ["\u2581a"] or proc.encode_as_pieces("a")[0].startswith("\u2581")
     return Vocab("llama", "default", tokens, types, scores=scores, add_space_prefix=add_prefix, source=path.name)
 
 

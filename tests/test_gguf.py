@@ -1,0 +1,324 @@
+"""bp-gguf: every family converts and llama.cpp reproduces transformers; tokenizers, k-quants,
+adapters, errors, re-runs and the pipeline into bp-ollama. Each GGUF written is loaded by
+llama-cpp-python (the tool's own verification) and the numbers it reports are asserted here."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "phi3")
+
+
+def _files(manifest: dict) -> dict:
+    return {f["quant"] if f.get("type") != "adapter" else "lora": f for f in manifest["files"]}
+
+
+@pytest.fixture(scope="module")
+def family_exports(tiny_model_factory, tmp_path_factory):
+    """f32, f16 and q8_0 of each family's tiny model, through the CLI with verification on."""
+    import subprocess
+    from conftest import tool_cmd
+    out = {}
+    d = tmp_path_factory.mktemp("gguf-families")
+    for fam in FAMILIES:
+        model = tiny_model_factory(fam)
+        r = subprocess.run(tool_cmd("bp-gguf") + [str(model), "-q", "f32,f16", "-q", "q8_0", "-o", str(d / fam)],
+                           capture_output=True, text=True, timeout=600)
+        out[fam] = (r, model)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_reproduces_transformers(family, family_exports):
+    r, _model = family_exports[family]
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout)
+    assert m["kind"] == "gguf" and m["family"] == family
+    files = _files(m)
+    f32, f16, q8 = files["f32"]["verify"], files["f16"]["verify"], files["q8_0"]["verify"]
+    for v in (f32, f16, q8):
+        assert v["ok"] and v["tokenization_ok"] and v["probe_strings"] >= 6 and v["positions"] >= 64
+    if family == "gemma2":  # soft-capping: compared relative to the largest logit
+        assert f32["rel_diff"] < 5e-4, f32
+    else:
+        assert f32["max_abs_diff"] < 1e-4, f32
+    assert f32["top1"] == 1.0 and f32["greedy_match"]
+    assert f16["max_abs_diff"] < 5e-2, f16
+    assert q8["top1"] >= 0.85, q8  # random std-0.2 weights are chaotic; the hidden-256 test asks 0.95
+    assert files["q8_0"]["bits_per_weight"] < files["f16"]["bits_per_weight"] < files["f32"]["bits_per_weight"]
+    for f in m["files"]:
+        assert (Path(m["root"]) / f["path"]).is_file()
+    assert (Path(m["root"]) / "README.md").read_text().count("| `") == 3
+
+
+def test_gguf_metadata_is_what_llama_cpp_needs(family_exports):
+    import gguf
+    r, model = family_exports["gemma2"]
+    m = json.loads(r.stdout)
+    reader = gguf.GGUFReader(str(Path(m["root"]) / _files(m)["f16"]["path"]))
+    names = {t.name for t in reader.tensors}
+    assert "output.weight" not in names  # tied to token_embd
+    assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight"} <= names
+    norm = next(t for t in reader.tensors if t.name == "output_norm.weight")
+    from safetensors.numpy import load_file
+    hf = load_file(str(model / "model.safetensors"))["model.norm.weight"]
+    assert np.allclose(np.asarray(norm.data), hf + 1.0)  # Gemma's (1 + w) stored as is
+    assert reader.get_field("gemma2.final_logit_softcapping") is not None
+    rp, _ = family_exports["phi3"]
+    reader = gguf.GGUFReader(str(Path(json.loads(rp.stdout)["root"]) / "phi3-f16.gguf"))
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= {t.name for t in reader.tensors}
+
+
+def test_llama_q_and_k_are_permuted_for_llama_cpp(family_exports):
+    """Without the permutation llama.cpp's logits are garbage; with it they match (asserted above).
+    Here: the stored rows really are HF's rows, permuted, and qwen2's are not."""
+    import gguf
+    from safetensors.numpy import load_file
+    from bp_gguf.families import permute_rows
+    for fam, permuted in (("llama", True), ("qwen2", False)):
+        r, model = family_exports[fam]
+        m = json.loads(r.stdout)
+        reader = gguf.GGUFReader(str(Path(m["root"]) / _files(m)["f32"]["path"]))
+        q = next(np.asarray(t.data) for t in reader.tensors if t.name == "blk.0.attn_q.weight")
+        hf = load_file(str(model / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+        want = permute_rows(hf, 4) if permuted else hf
+        assert np.array_equal(q.reshape(hf.shape), want)
+
+
+def test_kquants_share_one_intermediate_and_count_fallbacks(tiny_llama, run_tool, tmp_path):
+    r = run_tool("bp-gguf", str(tiny_llama), "-q", "q4_k_m", "-q", "q6_k", "-o", str(tmp_path / "g"))
+    assert r.rc in (0, 3), r.stderr
+    m = r.json
+    files = _files(m)
+    assert set(files) == {"q4_k_m", "q6_k"}
+    assert files["q4_k_m"]["fallbacks"] >= 10  # hidden 64: rows are not multiples of 256
+    assert sorted(p.name for p in (tmp_path / "g").iterdir() if ".gguf" in p.name) == sorted(
+        f.get("rejected") or f["path"] for f in m["files"])  # the 16-bit intermediate is gone
+    for f in m["files"]:
+        assert f["verify"]["tokenization_ok"]
+
+
+@pytest.fixture(scope="module")
+def peaked_256(tmp_path_factory, tiny_256):
+    """The hidden-256 model with small layer weights and large embedding/head: clear top-1 margins,
+    as a trained model has (a random init with std 0.2 everywhere is chaotic: any rounding flips it)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    d = tmp_path_factory.mktemp("peaked") / "model"
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_256), dtype=torch.float32, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if ("embed" in name or "lm_head" in name) else 0.02)
+    model.save_pretrained(str(d))
+    for f in tiny_256.iterdir():
+        if "token" in f.name or f.suffix == ".jinja" or f.name == "generation_config.json":
+            shutil.copy(f, d / f.name)
+    return d
+
+
+def test_kquants_on_a_hidden_256_model_have_no_fallbacks(peaked_256, run_tool, tmp_path):
+    r = run_tool("bp-gguf", str(peaked_256), "-q", "q4_0,q4_k_m,q5_k_m,q6_k,q8_0", "-o", str(tmp_path / "g"))
+    assert r.rc == 0, r.stderr
+    files = _files(r.json)
+    for q, floor in (("q4_0", 0.75), ("q4_k_m", 0.8), ("q5_k_m", 0.85), ("q6_k", 0.85), ("q8_0", 0.95)):
+        f = files[q]
+        assert f["fallbacks"] == 0, f
+        assert f["verify"]["ok"] and f["verify"]["top1"] >= floor, (q, f["verify"])
+    bpw = {q: files[q]["bits_per_weight"] for q in files}
+    assert bpw["q4_0"] < bpw["q5_k_m"] < bpw["q6_k"] < bpw["q8_0"]
+
+
+def test_added_special_token_and_resized_embeddings(tiny_llama, run_tool, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d = tmp_path / "model"
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert rows > len(tok)
+    model.save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    r = run_tool("bp-gguf", str(d), "-q", "f32", "-o", str(tmp_path / "g"))
+    assert r.rc == 0, r.stderr
+    m = r.json
+    assert m["tokenizer"]["tokens"] == rows and m["tokenizer"]["padded"] == rows - len(tok)
+    from bp_common.llamacpp import Model
+    with Model(Path(m["root"]) / _files(m)["f32"]["path"]) as g:
+        assert g.n_vocab == rows
+        assert g.tokenize("<|tool|>") == [tok.convert_tokens_to_ids("<|tool|>")]
+    assert _files(m)["f32"]["verify"]["ok"]
+
+
+@pytest.mark.parametrize("pre,split", [("llama-bpe", "LLAMA3_SPLIT"), ("qwen2", "QWEN2_SPLIT")])
+def test_llama3_and_qwen2_pre_tokenizers_tokenize_like_transformers(pre, split, tiny_model_factory, run_tool,
+                                                                    tmp_path):
+    """A tokenizer.json with Llama 3's / Qwen 2's split regex is written with llama.cpp's matching
+    pre-tokenizer, and llama.cpp then tokenizes the probes exactly as transformers does."""
+    from bp_gguf import vocab
+    base = tiny_model_factory("llama")
+    d = tmp_path / "model"
+    shutil.copytree(base, d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": getattr(vocab, split)}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (d / "tokenizer.json").write_text(json.dumps(tj))
+    r = run_tool("bp-gguf", str(d), "-q", "f32", "-o", str(tmp_path / "g"))
+    assert r.rc == 0, r.stderr
+    m = r.json
+    assert m["tokenizer"]["pre"] == pre
+    assert _files(m)["f32"]["verify"]["tokenization_ok"]
+
+
+def test_pre_tokenizer_override_is_written_and_verified(tiny_llama, run_tool, tmp_path):
+    """--pre-tokenizer is the way out for an unknown pre-tokenizer: it is written as given, and
+    verification (tokenization of the probes) is what says whether the choice was right."""
+    r = run_tool("bp-gguf", str(tiny_llama), "-q", "f32", "--pre-tokenizer", "qwen2", "-o", str(tmp_path / "g"))
+    assert r.rc == 0, r.stderr
+    m = r.json
+    assert m["tokenizer"]["pre"] == "qwen2"
+    import gguf
+    reader = gguf.GGUFReader(str(tmp_path / "g" / _files(m)["f32"]["path"]))
+    assert bytes(reader.get_field("tokenizer.ggml.pre").parts[-1]).decode() == "qwen2"
+    assert _files(m)["f32"]["verify"]["tokenization_ok"]
+
+
+def test_sentencepiece_vocabulary_block(tmp_path):
+    """A SentencePiece model trained here: tokens, scores and types as llama.cpp's `llama` vocab wants.
+    (End-to-end SPM verification needs transformers to read a bare tokenizer.model, which needs protobuf:
+    not in our dependency set.)"""
+    import sentencepiece as spm
+    from bp_common.tinymodel import example_texts
+    from bp_gguf import vocab
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(t.replace("\n", " ") for t in example_texts()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "spm"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2, normalization_rule_name="identity")
+    v = vocab._spm_vocab(tmp_path / "spm.model", tmp_path)
+    proc = spm.SentencePieceProcessor(model_file=str(tmp_path / "spm.model"))
+    assert v.model == "llama" and len(v.tokens) == proc.vocab_size() == len(v.types) == len(v.scores)
+    assert v.types[0] == vocab.UNKNOWN and v.types[1] == vocab.CONTROL and v.types[2] == vocab.CONTROL
+    assert v.types.count(vocab.BYTE) == 256 and v.tokens[v.types.index(vocab.BYTE)] == "<0x00>"
+    assert v.add_space_prefix is True
+    i = proc.piece_to_id("\u2581the")
+    assert v.tokens[i] == "\u2581the" and v.scores[i] == proc.get_score(i)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_adapter_as_gguf_lora_matches_the_merged_model(family, tiny_model_factory, run_tool, tmp_path):
+    """llama.cpp with the base GGUF + the GGUF LoRA gives the merged model's logits within 1e-3 relative."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    from helpers.peft_adapters import make_adapter
+    from bp_common.llamacpp import Model
+    base = tiny_model_factory(family)
+    adapter = make_adapter(base, tmp_path / "adapter", r=4, lora_alpha=16, target_modules="all-linear")
+    r = run_tool("bp-gguf", "--adapter", str(adapter), str(base), "-q", "f32", "-o", str(tmp_path / "g"))
+    assert r.rc == 0, r.stderr
+    m = r.json
+    lora = _files(m)["lora"]
+    assert lora["type"] == "adapter" and m["base"] == lora["base_file"]
+    assert lora["verify"]["ok"] and lora["verify"]["rel_diff"] < 1e-3, lora["verify"]
+    # independently: the merged transformers model against llama.cpp base + LoRA
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                                       str(adapter)).merge_and_unload().eval()
+    ids = list(range(5, 45))
+    with torch.no_grad():
+        want = merged(torch.tensor([ids])).logits[0].numpy()
+    root = Path(m["root"])
+    with Model(root / m["base"], lora=root / lora["path"]) as g:
+        got = g.logits(ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-3
+    import gguf
+    reader = gguf.GGUFReader(str(root / lora["path"]))
+    assert bytes(reader.get_field("general.type").parts[-1]).decode() == "adapter"
+
+
+def test_rslora_scale_is_folded_into_b(tiny_llama, run_tool, tmp_path):
+    from helpers.peft_adapters import make_adapter
+    adapter = make_adapter(tiny_llama, tmp_path / "adapter", r=8, lora_alpha=4, use_rslora=True)
+    r = run_tool("bp-gguf", "--adapter", str(adapter), "-q", "f32", "-o", str(tmp_path / "g"))
+    assert r.rc == 0, r.stderr
+    v = _files(r.json)["lora"]["verify"]
+    assert v["ok"] and v["rel_diff"] < 1e-3, v
+
+
+def test_rerun_is_a_noop_and_other_settings_need_force(tiny_llama, run_tool, tmp_path):
+    out = tmp_path / "g"
+    a = run_tool("bp-gguf", str(tiny_llama), "-q", "f16", "--no-verify", "-o", str(out))
+    assert a.rc == 0, a.stderr
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    b = run_tool("bp-gguf", str(tiny_llama), "-q", "f16", "--no-verify", "-o", str(out))
+    assert b.rc == 0 and b.json["id"] == a.json["id"]
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
+    c = run_tool("bp-gguf", str(tiny_llama), "-q", "q8_0", "--no-verify", "-o", str(out))
+    assert json.loads(c.stdout)["code"] == "STATE_OUTPUT_EXISTS" and c.rc != 0
+    d = run_tool("bp-gguf", str(tiny_llama), "-q", "q8_0", "--no-verify", "--force", "-o", str(out))
+    assert d.rc == 0 and [f["quant"] for f in d.json["files"]] == ["q8_0"]
+    assert not (out / "a-f16.gguf").exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_without_llama_cpp_numpy_types_work_and_kquants_say_how_to_get_them(tiny_llama, run_tool, tmp_path):
+    shadow = tmp_path / "shadow" / "llama_cpp"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('llama_cpp hidden by the test')\n")
+    env = {"PYTHONPATH": str(tmp_path / "shadow") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    only_k = run_tool("bp-gguf", str(tiny_llama), "-q", "q4_k_m", "-o", str(tmp_path / "k"), env=env)
+    assert only_k.rc == 69, only_k.stderr
+    env_k = json.loads(only_k.stdout)
+    assert env_k["code"] == "DEP_QUANTIZER_MISSING" and "llama-cpp-python" in env_k["hint"]
+    assert not (tmp_path / "k").exists()
+    mixed = run_tool("bp-gguf", str(tiny_llama), "-q", "f16", "-q", "q4_k_m", "-o", str(tmp_path / "m"), env=env)
+    assert mixed.rc == 3, mixed.stderr  # partial success
+    files = _files(mixed.json)
+    assert files["f16"]["verify"] is None and (tmp_path / "m" / files["f16"]["path"]).is_file()
+    assert files["q4_k_m"]["code"] == "DEP_QUANTIZER_MISSING"
+    forced = run_tool("bp-gguf", str(tiny_llama), "--verify", "-o", str(tmp_path / "v"), env=env)
+    assert forced.rc == 69 and json.loads(forced.stdout)["code"] == "DEP_MISSING"
+
+
+def test_inspect_reports_metadata_and_tensors(family_exports, run_tool):
+    r, _ = family_exports["qwen3"]
+    m = json.loads(r.stdout)
+    path = Path(m["root"]) / _files(m)["q8_0"]["path"]
+    rep = run_tool("bp-gguf", "inspect", str(path))
+    assert rep.rc == 0, rep.stderr
+    j = rep.json
+    assert j["kind"] == "report" and j["metadata"]["general.architecture"] == "qwen3"
+    assert j["metadata"]["tokenizer.ggml.tokens"]["length"] == m["tokenizer"]["tokens"]
+    assert j["types"].get("Q8_0", 0) > 0 and j["types"].get("F32", 0) > 0
+    assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= {t["name"] for t in j["tensors"]}
+
+
+def test_pipeline_merge_to_gguf_to_ollama(eval_merged, run_tool, tmp_path):
+    """bp-merge's manifest on stdin -> bp-gguf -> bp-ollama modelfile takes the verified file."""
+    merged = Path(eval_merged)
+    text = (merged / "manifest.json").read_text() if merged.is_dir() else merged.read_text()
+    r = run_tool("bp-gguf", "-q", "q8_0", "-o", str(tmp_path / "gguf"), input=text)
+    assert r.rc == 0, r.stderr
+    m = r.json
+    assert m["inputs"] and m["inputs"][0]["kind"] == "model"
+    o = run_tool("bp-ollama", "modelfile", "-o", str(tmp_path / "ollama"), input=json.dumps(m))
+    assert o.rc == 0, o.stderr
+    modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
+    assert _files(m)["q8_0"]["path"] in modelfile and "TEMPLATE" in modelfile
+
+
+def test_help_is_fast_and_complete(run_tool):
+    r = run_tool("bp-gguf", "--help")
+    assert r.rc == 0 and "q4_k_m" in r.stdout and "inspect" in r.stdout
+    r = run_tool("bp-gguf", "convert", "--help")
+    assert r.rc == 0 and "--pre-tokenizer" in r.stdout and "--adapter" in r.stdout
