@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 
 import pytest
@@ -186,19 +187,50 @@ def test_pickle_adapter_weights_are_refused_unless_allowed(eval_adapter, eval_da
     assert rc == 0 and m["model"]["kind"] == "adapter"
 
 
-def test_a_gguf_without_llamacpp_helpers_is_a_clear_error(tmp_path, tiny_llama):
-    """Until bp-gguf's bp_common.llamacpp is on this branch, a GGUF input stops with DEP_MISSING."""
-    import importlib.util
-    from transformers import AutoTokenizer
-    from helpers.gguf_files import gguf_from_tokenizer
-    if importlib.util.find_spec("bp_common.llamacpp") is not None:
-        pytest.fail("bp_common.llamacpp exists now: replace this test with GGUF scoring tests")
-    g = gguf_from_tokenizer(tmp_path / "m.gguf", AutoTokenizer.from_pretrained(str(tiny_llama)), add_bos=False)
-    rc, env = run_eval(g, "--tokenizer", tiny_llama, "--data", tmp_path / "nothing.jsonl")
-    assert env["code"] == "INPUT_NOT_FOUND"
-    (tmp_path / "d.jsonl").write_text('{"prompt": "a", "reference": "b"}\n')
-    rc, env = run_eval(g, "--tokenizer", tiny_llama, "--data", tmp_path / "d.jsonl")
-    assert rc == 69 and env["code"] == "DEP_MISSING"
+@pytest.fixture(scope="module")
+def eval_gguf(eval_merged, tmp_path_factory):
+    """bp-gguf's f32 and q8_0 export of the merged model (real CLI, verified)."""
+    import subprocess
+    from conftest import tool_cmd
+    out = tmp_path_factory.mktemp("eval-gguf") / "gguf"
+    r = subprocess.run(tool_cmd("bp-gguf") + [str(eval_merged), "-q", "f32,q8_0", "-o", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_adapter_merged_model_and_f32_gguf_give_the_same_loss(eval_adapter, eval_merged, eval_gguf, eval_data,
+                                                              tmp_path):
+    """The same held-out loss at every stage: adapter (transformers + PEFT), merged model, f32 GGUF in llama.cpp."""
+    rc, a = run_eval(eval_adapter, "--data", eval_data, "-n", "2", "--dtype", "f32")
+    assert rc == 0, a
+    rc, m = run_eval(eval_merged, "--data", eval_data, "-n", "2", "--dtype", "f32", "-o", tmp_path / "m")
+    assert rc == 0, m
+    rc, g = run_eval(eval_gguf, "-q", "f32", "--data", eval_data, "-n", "2", "-o", tmp_path / "g")
+    assert rc == 0, g
+    assert g["model"]["kind"] == "gguf" and g["model"]["backend"] == "llama.cpp"
+    la, lm, lg = a["metrics"]["loss"], m["metrics"]["loss"], g["metrics"]["loss"]
+    assert abs(lm - la) < 1e-3 and abs(lg - la) < 1e-3, (la, lm, lg)
+    assert g["n"]["loss"] == a["n"]["loss"]
+    # generation through llama.cpp gives the transformers model's greedy answers
+    assert [x["output"] for x in _generations(g)] == [x["output"] for x in _generations(m)]
+    rc, q = run_eval(eval_gguf, "-q", "q8_0", "--data", eval_data, "-n", "0")
+    assert rc == 0 and abs(q["metrics"]["loss"] - la) < 0.05 * la
+
+
+def _generations(result: dict) -> list[dict]:
+    path = Path(result["root"]) / result["generations"]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_a_gguf_without_llama_cpp_is_a_clear_error(eval_gguf, eval_data, tmp_path, run_tool):
+    shadow = tmp_path / "shadow" / "llama_cpp"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    import os
+    r = run_tool("bp-eval", str(eval_gguf), "--data", str(eval_data), "-n", "0",
+                 env={"PYTHONPATH": str(tmp_path / "shadow") + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert r.rc == 69 and r.json["code"] == "DEP_MISSING" and "llama-cpp-python" in r.json["hint"]
 
 
 def test_the_terminal_table_shows_each_metric_with_its_interval(eval_adapter):

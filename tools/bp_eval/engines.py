@@ -195,11 +195,6 @@ def open_engine(subject, *, dtype: str = "auto", allow_pickle: bool = False, tru
                 n_ctx: int | None = None):
     """The engine for a subject: llama.cpp for GGUF files, transformers otherwise."""
     if subject.kind == "gguf":
-        import importlib.util
-        if importlib.util.find_spec("bp_common.llamacpp") is None:
-            raise BpError("DEP_MISSING", "scoring a GGUF file needs bp_common.llamacpp (bp-gguf's llama.cpp "
-                          "helpers), which this installation does not have",
-                          hint="evaluate the model directory the GGUF was made from (bp-merge's output)")
         from .gguf_engine import LlamaCppEngine
         return LlamaCppEngine(subject, n_ctx=n_ctx, trust_remote_code=trust_remote_code)
     return TransformersEngine(subject, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
