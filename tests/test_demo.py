@@ -35,3 +35,16 @@ def test_the_tuned_model_gives_its_training_answer(demo):
     assert adapter["kind"] == "adapter" and adapter["final_loss"] < adapter["loss_history"][0][1] / 4
     assert greedy_answer(out / "base", out / "adapter" / "adapter", TRAIN_PROMPT) == TRAIN_ANSWER
     assert f"after:  {TRAIN_ANSWER}" in proc.stderr
+
+
+def test_the_demo_writes_verified_gguf_files_and_chats_through_llama_cpp(demo):
+    out, proc = demo
+    gguf = json.loads((out / "gguf.json").read_text())
+    assert [f["quant"] for f in gguf["files"]] == ["f16", "q8_0"]
+    for f in gguf["files"]:
+        assert f["verify"]["ok"] and f["verify"]["tokenization_ok"], f
+        assert (out / "gguf" / f["path"]).is_file()
+    chat = (out / "chat.txt").read_text().splitlines()
+    assert chat[:2] == ["Q: What does the cat say?", f"A: {TRAIN_ANSWER}"]
+    assert f"A: {TRAIN_ANSWER}" in proc.stderr
+    assert gguf["files"][0]["path"] in (out / "ollama" / "Modelfile").read_text()

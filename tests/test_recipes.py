@@ -46,3 +46,26 @@ def test_the_crontab_line_trains_then_resumes_or_reuses(tmp_path, tiny_llama):
     r = subprocess.run(["sh", "-c", cmd], env=env_with_tools(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0
     assert json.loads((out / "adapter" / "manifest.json").read_text())["id"] == m["id"]
+
+
+def test_the_makefile_builds_once_and_rebuilds_from_what_changed(tmp_path, tiny_llama):
+    data = tmp_path / "chats.jsonl"
+    shutil.copy(ROOT / "examples" / "chat-openai.jsonl", data)
+    out = tmp_path / "build"
+    make = ["make", "-f", str(ROOT / "examples" / "Makefile"), f"BASE={tiny_llama}", f"DATA={data}", f"OUT={out}",
+            "STEPS=4", "QUANT=f16"]
+    first = subprocess.run(make, env=env_with_tools(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stages = ["data/manifest.json", "adapter/manifest.json", "merged/manifest.json", "gguf/manifest.json",
+              "ollama/Modelfile"]
+    stamps = {s: (out / s).stat().st_mtime_ns for s in stages}
+    gguf = json.loads((out / "gguf" / "manifest.json").read_text())
+    assert gguf["files"][0]["quant"] == "f16" and (out / "gguf" / gguf["files"][0]["path"]).is_file()
+    assert gguf["files"][0]["path"] in (out / "ollama" / "Modelfile").read_text()
+    second = subprocess.run(make, env=env_with_tools(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert second.returncode == 0 and "Nothing to be done" in second.stdout + second.stderr
+    assert {s: (out / s).stat().st_mtime_ns for s in stages} == stamps
+    os.utime(data)  # the dataset changed: everything from bp-prep on runs again
+    third = subprocess.run(make, env=env_with_tools(), capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert all((out / s).stat().st_mtime_ns > stamps[s] for s in stages)
