@@ -75,6 +75,27 @@ def test_merge_survives_kill_9_and_rerun_matches(merge_inputs, tmp_path):
     assert digest_tree(out) == want
 
 
+def test_gguf_survives_kill_9_and_rerun_matches(tiny_256, tmp_path):
+    """bp-gguf killed while converting, quantizing with llama.cpp or verifying: never a file under its
+    final name that is not the finished one; a rerun writes the same bytes as an uninterrupted run."""
+    args = [str(tiny_256), "-q", "f16", "-q", "q4_k_m"]
+    ref = tmp_path / "ref"
+    t = time.perf_counter()
+    r = subprocess.run(tool_cmd("bp-gguf") + args + ["-o", str(ref)], capture_output=True, text=True, timeout=300)
+    elapsed = time.perf_counter() - t
+    assert r.returncode in (0, 3), r.stderr
+    want = digest_tree(ref)
+    assert any(k.endswith(".gguf") for k in want)
+    out = tmp_path / "out"
+
+    def check(d):
+        assert digest_tree(d) == want
+    kill_at_random_moments(tool_cmd("bp-gguf") + args + ["-o", str(out)], out, elapsed, seed=12, check=check)
+    r = subprocess.run(tool_cmd("bp-gguf") + args + ["-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode in (0, 3), r.stderr
+    assert digest_tree(out) == want
+
+
 def test_prep_survives_kill_9_and_rerun_matches(tiny_llama, tmp_path):
     args = EXAMPLES + ["--model", str(tiny_llama), "--heldout-ratio", "0.1"]
     ref = tmp_path / "ref"
