@@ -190,3 +190,15 @@ def quiet_transformers() -> None:
         disable_progress_bars()
     except ImportError:
         pass
+
+
+def ref_near(ref: str | None, anchor: Path | str | None) -> str | None:
+    """A model reference as a manifest or adapter_config.json names it: a relative path that does not
+    exist from the current directory may be relative to the file's own directory (anchor)."""
+    if not ref:
+        return None
+    p = Path(ref).expanduser()
+    if p.is_absolute() or p.exists() or anchor is None:
+        return ref
+    cand = Path(anchor) / p
+    return str(cand) if cand.exists() else ref

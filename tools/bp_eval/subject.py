@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bp_common.errors import BpError
 from bp_common.manifest import Manifest, find_in_chain, read_input
+from bp_common.models import ref_near
 
 KINDS = ("model", "adapter", "gguf", "dataset")
 
@@ -70,7 +71,7 @@ def subject_from_manifest(m: Manifest, base: str | None, quant: str | None, toke
         if not m.get("adapter_dir"):
             raise BpError("INPUT_MANIFEST_INVALID", "the adapter manifest has no adapter_dir")
         d = m.path(m["adapter_dir"])
-        b = base or near(m.get("base_model"), m.base_dir)
+        b = base or ref_near(m.get("base_model"), m.base_dir)
         if not b:
             raise BpError("INPUT_USAGE", "the adapter manifest names no base model", hint="pass --base MODEL")
         return Subject("adapter", d, tokenizer or adapter_tokenizer(d, b), base=b, manifest=m)
@@ -109,7 +110,7 @@ def chain_tokenizer(m: Manifest) -> Path | str | None:
         return model.path(model["model_dir"])
     adapter = find_in_chain(m, "adapter")
     if adapter is not None and adapter.get("base_model"):
-        return near(adapter["base_model"], adapter.base_dir)
+        return ref_near(adapter["base_model"], adapter.base_dir)
     dataset = find_in_chain(m, "dataset")
     if dataset is not None and dataset.get("model"):
         return dataset["model"]
@@ -125,7 +126,7 @@ def subject_from_path(spec: str, base: str | None, tokenizer: str | None) -> Sub
         return Subject("gguf", p.resolve(), tokenizer)
     if p.is_dir() and (p / "adapter_config.json").is_file():
         cfg = read_json(p / "adapter_config.json")
-        b = base or near(cfg.get("base_model_name_or_path"), p)
+        b = base or ref_near(cfg.get("base_model_name_or_path"), p)
         if not b:
             raise BpError("INPUT_USAGE", f"{spec}: adapter_config.json names no base model", hint="pass --base MODEL")
         return Subject("adapter", p.resolve(), tokenizer or adapter_tokenizer(p, b), base=b)
@@ -138,17 +139,6 @@ def subject_from_path(spec: str, base: str | None, tokenizer: str | None) -> Sub
 def adapter_tokenizer(adapter_dir: Path, base: str) -> Path | str:
     """bp-train saves the tokenizer (and chat template) beside the adapter; else the base's."""
     return adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").is_file() else base
-
-
-def near(ref: str | None, anchor: Path | None) -> str | None:
-    """A relative path that does not exist from here may be relative to the manifest's directory."""
-    if not ref:
-        return None
-    p = Path(ref).expanduser()
-    if p.is_absolute() or p.exists() or anchor is None:
-        return ref
-    cand = Path(anchor) / p
-    return str(cand) if cand.exists() else ref
 
 
 def read_json(path: Path) -> dict:

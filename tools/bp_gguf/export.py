@@ -16,7 +16,7 @@ from bp_common import manifest as mf
 from bp_common.errors import BpError
 from bp_common.io import atomic_dir, check_free_space, sha256_file
 from bp_common.modelcard import render_model_card
-from bp_common.models import config_digest, read_config, resolve_model
+from bp_common.models import config_digest, read_config, ref_near, resolve_model
 
 from .convert import NUMPY_TYPES, Source, embedding_rows, write_gguf
 from .families import Hparams, family_of
@@ -123,18 +123,13 @@ def _adapter_paths(inp) -> tuple[Path, str | None]:
         m = inp.manifest
         if not m.get("adapter_dir"):
             raise BpError("INPUT_MANIFEST_INVALID", "the adapter manifest has no adapter_dir")
-        base = m.get("base_model")
-        p = Path(str(base)) if base else None
-        if p is not None and not p.is_absolute() and not p.exists() and m.base_dir is not None \
-                and (m.base_dir / p).exists():
-            base = str(m.base_dir / p)
-        return m.path(m["adapter_dir"]), base
+        return m.path(m["adapter_dir"]), ref_near(m.get("base_model"), m.base_dir)
     d = Path(inp.path)
     try:
         cfg = json.loads((d / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise BpError("INPUT_NOT_FOUND", f"{d} is not a PEFT adapter: {exc}") from None
-    return d, cfg.get("base_model_name_or_path")
+    return d, ref_near(cfg.get("base_model_name_or_path"), d)
 
 
 def _want_verify(flag: bool | None) -> bool:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from bp_common.errors import BpError
 from bp_common.manifest import Manifest, read_input
+from bp_common.models import ref_near
 
 from .adapters import read_adapter_config
 
@@ -43,21 +44,10 @@ def source_from(inp) -> AdapterSource:
         m = inp.manifest
         if not m.get("adapter_dir"):
             raise BpError("INPUT_MANIFEST_INVALID", "the adapter manifest has no adapter_dir")
-        return AdapterSource(m.path(m["adapter_dir"]), _base_near(m.get("base_model"), m.base_dir), m)
+        return AdapterSource(m.path(m["adapter_dir"]), ref_near(m.get("base_model"), m.base_dir), m)
     path = Path(inp.path)
     cfg = read_adapter_config(path)
-    return AdapterSource(path, _base_near(cfg.get("base_model_name_or_path"), path))
-
-
-def _base_near(ref: str | None, anchor: Path | None) -> str | None:
-    """A relative base path that does not exist from here may be relative to the adapter's directory."""
-    if not ref:
-        return None
-    p = Path(ref).expanduser()
-    if p.is_absolute() or p.exists() or anchor is None:
-        return ref
-    near = Path(anchor) / p
-    return str(near) if near.exists() else ref
+    return AdapterSource(path, ref_near(cfg.get("base_model_name_or_path"), path))
 
 
 def base_ref(explicit: str | None, sources: list[AdapterSource]) -> str:
