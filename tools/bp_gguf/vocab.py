@@ -219,23 +219,40 @@ def _token_content(value):
 
 
 def _add_hf_facts(vocab: Vocab, model_dir: Path) -> None:
-    """Special ids, BOS/EOS behaviour and the chat template, as the Hugging Face tokenizer has them."""
-    from bp_common.models import load_tokenizer
-    tok = load_tokenizer(model_dir)
+    """Special ids, BOS/EOS behaviour and the chat template, as the Hugging Face tokenizer has them,
+    read from tokenizer_config.json and tokenizer.json without loading transformers (verification
+    then checks the result against the real tokenizer)."""
+    tc_path = model_dir / "tokenizer_config.json"
+    tc = _read_json(tc_path) if tc_path.is_file() else {}
     ids = {t: i for i, t in enumerate(vocab.tokens)}
     for which in ("bos", "eos", "unk", "pad"):
-        text = _token_content(getattr(tok, f"{which}_token", None))
+        text = _token_content(tc.get(f"{which}_token"))
         if text is not None and text in ids:
             vocab.specials[which] = ids[text]
-    with_special = tok("a", add_special_tokens=True)["input_ids"]
-    without = tok("a", add_special_tokens=False)["input_ids"]
     bos, eos = vocab.specials.get("bos"), vocab.specials.get("eos")
-    vocab.add_bos = bool(bos is not None and with_special[:1] == [bos] and without[:1] != [bos])
-    vocab.add_eos = bool(eos is not None and with_special[-1:] == [eos] and without[-1:] != [eos])
-    template = getattr(tok, "chat_template", None)
-    if template is None:
-        jinja = model_dir / "chat_template.jinja"
-        template = jinja.read_text(encoding="utf-8") if jinja.is_file() else None
+    with_special = without = None
+    tj = model_dir / "tokenizer.json"
+    if tj.is_file():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(tj))
+        with_special = tok.encode("a", add_special_tokens=True).ids
+        without = tok.encode("a", add_special_tokens=False).ids
+    if "add_bos_token" in tc:  # transformers rebuilds the post-processor from these flags
+        vocab.add_bos = bool(tc["add_bos_token"]) and bos is not None
+    elif with_special is not None:
+        vocab.add_bos = bool(bos is not None and with_special[:1] == [bos] and without[:1] != [bos])
+    else:
+        vocab.add_bos = vocab.model == "llama" and bos is not None  # SentencePiece tokenizers add BOS
+    if "add_eos_token" in tc:
+        vocab.add_eos = bool(tc["add_eos_token"]) and eos is not None
+    elif with_special is not None:
+        vocab.add_eos = bool(eos is not None and with_special[-1:] == [eos] and without[-1:] != [eos])
+    template = tc.get("chat_template")
+    jinja, tjson = model_dir / "chat_template.jinja", model_dir / "chat_template.json"
+    if template is None and jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    if template is None and tjson.is_file():
+        template = _read_json(tjson).get("chat_template")
     if isinstance(template, dict):
         template = [{"name": k, "template": v} for k, v in template.items()]
     vocab.chat_template = template
