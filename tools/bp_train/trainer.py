@@ -134,6 +134,9 @@ def _train(cfg: TrainConfig, out: Path, r: Reporter, faults: Faults) -> Manifest
                           "started", hint="start a new run with --force, or restore the dataset")
     else:
         record, ckpt = None, None
+        if cfg.mode == "full" and cfg.model:  # refuse a model above the ceiling before preparing anything
+            check_full_ft_ceiling(cfg, read_config(resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)),
+                                  cfg.model, device_facts())
         src = read_source(cfg.data, model=cfg.model, output=out, seed=cfg.seed, reporter=r, tool=TOOL,
                           trust_remote_code=cfg.trust_remote_code, force=cfg.force)
 
@@ -626,6 +629,8 @@ def build_preference_trainer(model, tok, examples: list[dict], hp, state: RunSta
     our events and checkpoints. ORPO and SimPO need no reference; KTO's is the base with the adapter
     disabled (TRL attaches the adapter from peft_config, so no second model or adapter copy is made)."""
     from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+    disable_progress_bar()  # TRL tokenizes with Dataset.map: no bars on stderr
     args = dict(common_args(hp, state, device), max_length=hp.seq_len, remove_unused_columns=False)
     data = Dataset.from_list(examples)
     cbs = [event_callback(state)]
@@ -669,10 +674,11 @@ def train_metrics(trainer, last: int = 10) -> dict:
         vals = [float(v) for v in values[-last:] if v is not None and math.isfinite(float(v))]
         if vals:
             out[k] = round(sum(vals) / len(vals), 6)
-    metrics = getattr(trainer, "_metrics", None)
-    if not out and isinstance(metrics, dict):  # newer TRL trainers keep {"train": {name: [values]}}
-        for k, values in (metrics.get("train") or {}).items():
-            vals = [float(v) for v in list(values)[-last:]]
+    if not out:  # newer TRL trainers (KTO) keep {"train": {name: [values]}}, emptied at each log
+        metrics = getattr(trainer, "_metrics", None) or {}
+        kept = (metrics.get("train") if isinstance(metrics, dict) else None) or getattr(trainer, "bp_metrics", {})
+        for k, values in (kept or {}).items():
+            vals = [float(v) for v in list(values)[-last:] if isinstance(v, (int, float)) and math.isfinite(v)]
             if vals:
                 out[k] = round(sum(vals) / len(vals), 6)
     return out
@@ -806,6 +812,13 @@ def _make_trainer_class(method: str):
             barrier()
             if st.on_save is not None:
                 st.on_save(step, final)
+
+        def log(self, logs, *args, **kwargs):
+            # TRL's trainers empty their metric buffers when they log: keep the last ones for the manifest.
+            metrics = getattr(self, "_metrics", None)
+            if isinstance(metrics, dict) and metrics.get("train"):
+                self.bp_metrics = {k: list(v) for k, v in metrics["train"].items()}
+            return super().log(logs, *args, **kwargs)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             # Load the adapter weights only: PEFT's load_adapter would re-run PiSSA/LoftQ initialisation.
