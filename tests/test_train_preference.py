@@ -167,3 +167,13 @@ def test_wrong_shape_exits_65_from_the_command_line(tiny_llama, run_tool, tmp_pa
 def test_preference_rows_train_as_sft_on_the_chosen_answer(tiny_llama, tmp_path):
     m = train(TrainConfig(output=str(tmp_path / "a"), data=pairs_data(tiny_llama), steps=2, save_steps=0))
     assert m["method"] == "sft" and m["tokens_seen"]["loss"] > 0
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo", "kto"])
+def test_qlora_runs_every_method(method, tiny_llama, tmp_path):
+    data = kto_data(tiny_llama) if method == "kto" else pairs_data(tiny_llama)
+    m = train(TrainConfig(output=str(tmp_path / "q"), data=data, method=method, mode="qlora", steps=3, lr=LR,
+                          save_steps=0))
+    assert m["mode"] == "qlora" and m["hyperparameters"]["compute_dtype"] == "f32"
+    assert all(math.isfinite(v) for _s, v in m["loss_history"]) and m["steps"] == 3
+    assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").is_file()

@@ -454,7 +454,8 @@ def train_with_oom_recovery(cfg: TrainConfig, hp, model_dir: Path, tok, enc, hel
     """run_training, again from the last checkpoint with half the micro-batch and twice the
     accumulation after each out-of-memory failure (see safety.py)."""
     import gc
-    recovery = OomRecovery(enabled=cfg.oom_recovery)
+    from .config import KTO_MIN_BATCH
+    recovery = OomRecovery(enabled=cfg.oom_recovery, min_batch=KTO_MIN_BATCH if hp.method == "kto" else 1)
     while True:
         try:
             return run_training(cfg, hp, model_dir, tok, enc, held, device, state, ckpt)
