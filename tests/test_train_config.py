@@ -99,7 +99,7 @@ def test_batch_size_from_the_vram_plan_then_the_tiers():
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(method="dpo"), "not available"),
+    (dict(method="ppo"), "not available"),
     (dict(mode="full", method="kto"), "--mode full"),
     (dict(offload=True), "--offload"),
     (dict(method="kto", batch_size=1), "--batch-size 2"),

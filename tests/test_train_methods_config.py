@@ -18,7 +18,8 @@ def hp_for(rows=500, device=CPU, labels=None, **kw):
 @pytest.mark.parametrize("kw, lr, beta, gamma, weights", [
     (dict(method="orpo"), 8e-6, 0.1, None, (None, None)),
     (dict(method="simpo"), 1e-6, 2.0, 1.0, (None, None)),
-    (dict(method="kto"), 1e-6, 0.1, None, (1.0, 1.0)),          # 60 / 50 labels: ratio 1.2 is in [1, 4/3]
+    (dict(method="kto"), 1e-6, 0.1, None, (1.0, 1.0)),
+    (dict(method="dpo"), 1e-6, 0.1, None, (None, None)),          # 60 / 50 labels: ratio 1.2 is in [1, 4/3]
     (dict(method="orpo", mode="qlora"), 8e-6, 0.1, None, (None, None)),
     (dict(method="sft", mode="full"), 5e-5, None, None, (None, None)),  # a tenth of 5e-4 (500 rows)
     (dict(method="sft"), 5e-4, None, None, (None, None)),

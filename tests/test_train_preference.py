@@ -47,11 +47,16 @@ def simpo_run(tmp_path_factory, tiny_llama):
 
 
 @pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory, tiny_llama):
+    return run(tmp_path_factory, "dpo", data=pairs_data(tiny_llama), method="dpo", steps=80, lr=LR)
+
+
+@pytest.fixture(scope="module")
 def kto_run(tmp_path_factory, tiny_llama):
     return run(tmp_path_factory, "kto", data=kto_data(tiny_llama), method="kto", steps=60, lr=LR)
 
 
-@pytest.mark.parametrize("which", ["orpo_run", "simpo_run"])
+@pytest.mark.parametrize("which", ["orpo_run", "simpo_run", "dpo_run"])
 def test_paired_methods_learn_the_preferences(which, request):
     m, events, _out = request.getfixturevalue(which)
     held = m["preference"]["heldout"]
@@ -63,12 +68,15 @@ def test_paired_methods_learn_the_preferences(which, request):
     assert evals and evals[-1]["heldout_reward_accuracy"] == held["reward_accuracy"]
 
 
-def test_manifests_record_the_method_and_its_knobs(orpo_run, simpo_run, kto_run):
+def test_manifests_record_the_method_and_its_knobs(orpo_run, simpo_run, kto_run, dpo_run):
     orpo, simpo, kto = (r[0] for r in (orpo_run, simpo_run, kto_run))
     assert orpo["kind"] == "adapter" and orpo["method"] == "orpo"
     assert orpo["method_settings"] == {"method": "orpo", "mode": "lora", "lr": LR, "beta": 0.1, "reference": "none"}
     assert simpo["method_settings"]["loss_type"] == "simpo" and simpo["method_settings"]["cpo_alpha"] == 0.0
     assert (simpo["hyperparameters"]["beta"], simpo["hyperparameters"]["gamma"]) == (2.0, 1.0)
+    assert dpo_run[0]["method_settings"]["reference"] == "base with the adapter disabled"
+    # DPO's first loss is log 2: the reference is the base itself (the fresh adapter adds nothing)
+    assert dpo_run[0]["loss_history"][0][1] == pytest.approx(math.log(2), abs=1e-4)
     ks = kto["method_settings"]
     assert ks["reference"] == "base with the adapter disabled" and ks["beta"] == 0.1
     # the example set has two desirable rows per undesirable one: the undesirable weight is raised to 4/3
@@ -94,10 +102,10 @@ def test_kto_loss_falls_by_a_third(kto_run):
     assert "adapter_model.safetensors" in names and not [n for n in names if (out / "adapter" / n).is_dir()]
 
 
-def test_each_adapter_merges_and_generates(orpo_run, simpo_run, kto_run, run_tool, tmp_path):
+def test_each_adapter_merges_and_generates(orpo_run, simpo_run, kto_run, dpo_run, run_tool, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    for name, (m, _e, out) in {"orpo": orpo_run, "simpo": simpo_run, "kto": kto_run}.items():
+    for name, (m, _e, out) in {"orpo": orpo_run, "simpo": simpo_run, "kto": kto_run, "dpo": dpo_run}.items():
         merged = tmp_path / name
         r = run_tool("bp-merge", out, "-o", merged)
         assert r.rc == 0, r
@@ -115,6 +123,7 @@ def test_each_adapter_merges_and_generates(orpo_run, simpo_run, kto_run, run_too
 @pytest.mark.parametrize("method, lr, knobs", [
     ("orpo", 8e-6, {"beta": 0.1}),
     ("simpo", 1e-6, {"beta": 2.0, "gamma": 1.0}),
+    ("dpo", 1e-6, {"beta": 0.1}),
 ])
 def test_a_short_run_at_the_defaults_finishes_with_finite_loss(method, lr, knobs, tmp_path, tiny_llama):
     m = train(TrainConfig(output=str(tmp_path / "a"), data=pairs_data(tiny_llama), method=method, steps=3,

@@ -116,7 +116,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
                    help="base model: directory, hub id or preset name (none: the model the dataset was "
                         "prepared for)")
     t.add_argument("--method", choices=METHODS, default="sft",
-                   help="sft: supervised on conversations; orpo, simpo: paired preferences (prompt, chosen, "
+                   help="sft: supervised on conversations; orpo, simpo, dpo: paired preferences (prompt, chosen, "
                         "rejected); kto: unpaired (prompt, completion, label); docs/preference.md")
     t.add_argument("--mode", choices=MODES, default="lora",
                    help="lora: adapter on the full-precision base; qlora: on a 4-bit nf4 base (CPU too); full: "
@@ -150,7 +150,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 
     g = t.add_argument_group("preference methods (docs/preference.md)")
     g.add_argument("--beta", type=_auto(float), default=AUTO, metavar="B",
-                   help="orpo: weight of the odds-ratio term (auto 0.1); simpo: reward scale (auto 2.0); kto: "
+                   help="orpo: weight of the odds-ratio term (auto 0.1); simpo: reward scale (auto 2.0); kto, dpo: "
                         "(auto 0.1)")
     g.add_argument("--gamma", type=number(float, low=0, auto=True), default=AUTO, metavar="G",
                    help="simpo: target reward margin (auto 1.0; warned when gamma/beta leaves (0, 1])")
@@ -176,7 +176,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=1.0, metavar="E", help="passes over the data when --steps is 0")
     g.add_argument("--lr", type=_auto(float), default=AUTO, metavar="LR",
                    help="peak learning rate (auto: sft by dataset size, a tenth of it for --mode full; orpo 8e-6; "
-                        "simpo and kto 1e-6; times the --preset multiplier)")
+                        "simpo, kto and dpo 1e-6; times the --preset multiplier)")
     g.add_argument("--warmup-steps", type=_warmup, default=AUTO, metavar="N",
                    help="linear warmup steps (auto: 15%%, 10%% or 5%% of the steps by dataset size)")
     g.add_argument("--lr-scheduler", choices=SCHEDULERS, default="cosine", help="learning-rate schedule")

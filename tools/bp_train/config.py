@@ -13,9 +13,9 @@ from bp_common.errors import BpError
 from bp_common.presets import LORA_PRESETS, MODEL_PRESETS, ModelPreset
 
 AUTO = "auto"
-METHODS = ("sft", "orpo", "simpo", "kto")
+METHODS = ("sft", "orpo", "simpo", "kto", "dpo")
 MODES = ("lora", "qlora", "full")
-PAIRED = ("orpo", "simpo")           # prompt + chosen + rejected
+PAIRED = ("orpo", "simpo", "dpo")    # prompt + chosen + rejected
 PREFERENCE = PAIRED + ("kto",)       # every method that learns from preferences (always an adapter)
 INITS = ("default", "gaussian", "pissa", "loftq")
 BATCHING = ("padding-free", "length-grouped", "padded", "packed")
@@ -33,10 +33,10 @@ DEFAULT_SEQ_LEN = 2048
 REASONING_SEQ_LEN = 8192             # --reasoning-trace: long <think> spans need room
 # Preference methods: their papers' learning rates (they apply whenever --lr is omitted), and the
 # loss knobs. Full fine-tuning (SFT) takes a tenth of the LoRA size rule.
-METHOD_LR = {"orpo": 8e-6, "simpo": 1e-6, "kto": 1e-6}
+METHOD_LR = {"orpo": 8e-6, "simpo": 1e-6, "kto": 1e-6, "dpo": 1e-6}
 FULL_FT_LR_FACTOR = 0.1
 LR_USUAL_FACTOR = 10.0               # an explicit --lr more than 10x off the method's default is warned about
-DEFAULT_BETA = {"orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+DEFAULT_BETA = {"orpo": 0.1, "simpo": 2.0, "kto": 0.1, "dpo": 0.1}
 DEFAULT_SIMPO_GAMMA = 1.0
 SIMPO_GAMMA_BETA_RANGE = (0.0, 1.0)  # SimPO paper / repository: gamma/beta in (0, 1], 0.5 the usual start
 # KTO (arXiv:2402.01306, eq. 9): desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]

@@ -97,10 +97,10 @@ def read_rows(m: Manifest, split: str) -> list[dict]:
 
 
 # The bp-prep view each method trains on, and the fields a row of that view has.
-METHOD_VIEW = {"sft": "sft", "orpo": "preference", "simpo": "preference", "kto": "kto"}
+METHOD_VIEW = {"sft": "sft", "orpo": "preference", "simpo": "preference", "dpo": "preference", "kto": "kto"}
 VIEW_FIELDS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected"),
                "kto": ("prompt", "completion", "label")}
-VIEW_METHODS = {"sft": "sft", "preference": "orpo or simpo", "kto": "kto"}
+VIEW_METHODS = {"sft": "sft", "preference": "orpo, simpo or dpo", "kto": "kto"}
 
 
 def row_fields(row: dict, view: str) -> list[str]:

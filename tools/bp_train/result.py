@@ -49,8 +49,8 @@ def method_settings(hp) -> dict:
             out[k] = getattr(hp, k)
     if hp.method == "simpo":
         out.update(loss_type="simpo", cpo_alpha=0.0)
-    if hp.method in ("orpo", "simpo", "kto"):
-        out["reference"] = "none" if hp.method != "kto" else "base with the adapter disabled"
+    if hp.method in ("orpo", "simpo", "kto", "dpo"):
+        out["reference"] = "none" if hp.method in ("orpo", "simpo") else "base with the adapter disabled"
     if hp.mode == "full":
         out.update(full_ft_ceiling_b=hp.full_ft_ceiling_b, offload=hp.offload)
     if hp.reasoning_trace:

@@ -39,6 +39,7 @@ from .safety import OomRecovery, is_oom_error, open_guard
 TOOL = "bp-train"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"        # --mode full: a plain Hugging Face model directory
+REFERENCED = ("kto", "dpo")  # methods with a reference: the base with the adapter disabled
 # Settings that do not change what is trained: left out of the fingerprint, and free to change on resume.
 OPERATIONAL = ("output", "resume", "force", "save_steps", "keep_checkpoints", "eval_steps", "log_steps",
                "oom_recovery", "gpu_monitor", "gpu_temp_critical", "max_cool_wait")
@@ -513,11 +514,11 @@ def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: 
         trainable, total = count_parameters(model)
         state.reporter.info(f"full fine-tuning: {trainable:,} trainable of {total:,} parameters"
                             + (f" (ceiling {hp.full_ft_ceiling_b:g} B)" if hp.full_ft_ceiling_b else ""))
-    elif hp.method == "kto":
-        model = base  # TRL's KTOTrainer attaches the adapter; its reference is this base, adapter disabled
+    elif hp.method in REFERENCED:
+        model = base  # TRL's KTO/DPO trainer attaches the adapter; its reference is this base, adapter disabled
     else:
         model = attach_adapter(base, hp, init_dir)
-    if hp.mode != "full" and hp.method != "kto":
+    if hp.mode != "full" and hp.method not in REFERENCED:
         trainable, total = count_parameters(model)
         state.reporter.info(f"{hp.mode} r={hp.lora_r} alpha={hp.lora_alpha:g} targets={hp.targets}: "
                             f"{trainable:,} trainable of {total:,} parameters")
@@ -560,7 +561,7 @@ def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: 
     if hp.method in PREFERENCE:
         from bp_common import chat
         pref = {"train": train_metrics(trainer)}
-        if hp.method in ("orpo", "simpo") and held.examples:
+        if hp.method != "kto" and held.examples:
             pref["heldout"] = preference_scores(trainer.model, tok, held.examples, chat.mask_mode(tok))
             state.reporter.event("eval", step=steps, **{f"heldout_{k}": v for k, v in pref["heldout"].items()})
     peak_gpu = int(torch.cuda.max_memory_allocated()) if device.kind == "cuda" else None
@@ -626,9 +627,10 @@ def quiet(trainer, state: RunState):
 
 def build_preference_trainer(model, tok, examples: list[dict], hp, state: RunState, device: DeviceFacts,
                              init_dir: Path | None):
-    """ORPO (TRL's ORPOTrainer), SimPO (CPOTrainer, loss_type simpo, cpo_alpha 0) or KTO (KTOTrainer) with
-    our events and checkpoints. ORPO and SimPO need no reference; KTO's is the base with the adapter
-    disabled (TRL attaches the adapter from peft_config, so no second model or adapter copy is made)."""
+    """ORPO (TRL's ORPOTrainer), SimPO (CPOTrainer, loss_type simpo, cpo_alpha 0), KTO (KTOTrainer) or DPO
+    (DPOTrainer) with our events and checkpoints. ORPO and SimPO need no reference; KTO's and DPO's is the
+    base with the adapter disabled (TRL attaches the adapter from peft_config, so no second model or
+    adapter copy is made)."""
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
     disable_progress_bar()  # TRL tokenizes with Dataset.map: no bars on stderr
@@ -647,12 +649,17 @@ def build_preference_trainer(model, tok, examples: list[dict], hp, state: RunSta
         trainer = make_trainer_class("simpo")(model=model, args=config, train_dataset=data, processing_class=tok,
                                               callbacks=cbs)
     else:
-        from trl import KTOConfig
         from .model import lora_config, save_initial_adapter
-        config = KTOConfig(**args, beta=hp.beta, desirable_weight=hp.desirable_weight,
-                           undesirable_weight=hp.undesirable_weight, disable_dropout=False)
-        trainer = make_trainer_class("kto")(model=model, ref_model=None, args=config, train_dataset=data,
-                                            processing_class=tok, callbacks=cbs, peft_config=lora_config(hp, model))
+        if hp.method == "kto":
+            from trl import KTOConfig
+            config = KTOConfig(**args, beta=hp.beta, desirable_weight=hp.desirable_weight,
+                               undesirable_weight=hp.undesirable_weight, disable_dropout=False)
+        else:
+            from trl import DPOConfig
+            config = DPOConfig(**args, beta=hp.beta, disable_dropout=False)
+        trainer = make_trainer_class(hp.method)(model=model, ref_model=None, args=config, train_dataset=data,
+                                                processing_class=tok, callbacks=cbs,
+                                                peft_config=lora_config(hp, model))
         if init_dir is not None and not (init_dir / "adapter_model.safetensors").is_file():
             save_initial_adapter(trainer.model, init_dir)
         trainable, total = count_params(trainer.model)
@@ -752,6 +759,9 @@ def _trl_class(method: str):
     if method == "kto":
         from trl import KTOTrainer
         return KTOTrainer
+    if method == "dpo":
+        from trl import DPOTrainer
+        return DPOTrainer
     from trl import SFTTrainer
     return SFTTrainer
 
