@@ -48,7 +48,7 @@ def simpo_run(tmp_path_factory, tiny_llama):
 
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, tiny_llama):
-    return run(tmp_path_factory, "dpo", data=pairs_data(tiny_llama), method="dpo", steps=80, lr=LR)
+    return run(tmp_path_factory, "dpo", data=pairs_data(tiny_llama), method="dpo", steps=120, lr=LR)
 
 
 @pytest.fixture(scope="module")
