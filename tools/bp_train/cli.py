@@ -17,12 +17,14 @@ from .config import AUTO, BATCHING, DTYPES, INITS, METHODS, MODES, OPTIMIZERS, S
 
 TOOL = "bp-train"
 
-DESCRIPTION = """Supervised fine-tuning with LoRA, QLoRA (4-bit nf4) or DoRA, resumable to the bit.
+DESCRIPTION = """Fine-tuning with LoRA, QLoRA (4-bit nf4) or DoRA, or of every weight (--mode full): supervised
+(sft) or from preferences (orpo, simpo, kto, dpo), resumable to the bit.
 
 Reads a dataset manifest (bp-prep) or a vram manifest (bp-vram) on stdin or by path, or a dataset
 file with --model (prepared in-process exactly as bp-prep would), trains on the assistant tokens,
 and writes OUTPUT/adapter/ (PEFT safetensors, tokenizer, chat template), OUTPUT/checkpoints/ and
-OUTPUT/runs.json. The adapter manifest goes to stdout. Settings left at auto are chosen from the
+OUTPUT/runs.json (--mode full: OUTPUT/model/, a plain model directory). The adapter (or model)
+manifest goes to stdout. Settings left at auto are chosen from the
 method, the dataset size, the presets and the device, and printed.
 
 Without a subcommand bp-train trains; `runs`, `show`, `diff`, `replay` and `export-runs` read the
@@ -33,8 +35,11 @@ EPILOG = """examples:
   bp-train runs/a/data -o runs/a/adapter --preset quality --mode qlora
   bp-train data.jsonl --model qwen2.5-7b -o runs/b --events runs/b.events.jsonl --log-format json
   bp-train -o runs/a/adapter --resume latest          # after a crash, a kill or a reboot
+  bp-train runs/p/data --method orpo -o runs/p/adapter  # pairs: prompt, chosen, rejected
+  bp-train runs/a/data --mode full -o runs/full         # every weight; refused above the card's ceiling
   bp-train runs -o runs/ ; bp-train show 3fa2c1 -o runs/ ; bp-train diff 3fa2c1 9b0e77 -o runs/
-exit codes: 0 ok; 64 bad setting; 65 bad data or the loss diverged; 66 input or run not found;
+exit codes: 0 ok; 64 bad setting or model above the full fine-tuning ceiling; 65 bad data (or data of the
+  wrong shape for --method) or the loss diverged; 66 input or run not found; 69 --offload without CUDA/NCCL;
   73 output holds other results (--force); 75 output locked; 130/143 stopped by SIGINT/SIGTERM
   after a checkpoint; 75 GPU too hot (after a checkpoint; resume later); 137 out of memory (recovery
   exhausted or off)"""
