@@ -128,3 +128,16 @@ def test_reasoning_trace_raises_only_a_default_sequence_length():
                    max_positions=4096).seq_len == 4096
     assert hp_for(reasoning_trace=True, seq_len=1024).seq_len == 1024
     assert hp_for().seq_len == 2048
+
+
+def test_the_fingerprint_of_an_sft_run_ignores_the_new_settings_at_their_defaults(tiny_llama, monkeypatch):
+    from types import SimpleNamespace
+    from bp_train import trainer
+    seen = []
+    monkeypatch.setattr(trainer, "fingerprint", lambda *a: seen.append(a[-1]) or str(len(seen)))
+    src = SimpleNamespace(dataset={"id": "d1"})
+    trainer.run_fingerprint(TrainConfig(output="x"), src, tiny_llama, str(tiny_llama))
+    trainer.run_fingerprint(TrainConfig(output="x", method="orpo", beta=0.2, reasoning_trace=True), src, tiny_llama,
+                            str(tiny_llama))
+    assert not set(seen[0]) & set(trainer.LATER_SETTINGS)   # what an SFT run hashed before these settings existed
+    assert seen[1]["beta"] == 0.2 and seen[1]["reasoning_trace"] is True and "gamma" not in seen[1]

@@ -39,6 +39,8 @@ from .safety import OomRecovery, is_oom_error, open_guard
 TOOL = "bp-train"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"        # --mode full: a plain Hugging Face model directory
+LATER_SETTINGS = ("beta", "gamma", "desirable_weight", "undesirable_weight", "full_ft_ceiling", "offload",
+                  "reasoning_trace")
 REFERENCED = ("kto", "dpo")  # methods with a reference: the base with the adapter disabled
 # Settings that do not change what is trained: left out of the fingerprint, and free to change on resume.
 OPERATIONAL = ("output", "resume", "force", "save_steps", "keep_checkpoints", "eval_steps", "log_steps",
@@ -266,7 +268,11 @@ def warn_if_prepared_for_another_tokenizer(dataset: dict, model_dir: Path, r: Re
 
 def run_fingerprint(cfg: TrainConfig, src, model_dir: Path, base_ref: str) -> str:
     from bp_common.models import config_digest, tokenizer_digest
-    settings = {k: v for k, v in cfg.as_dict().items() if k not in OPERATIONAL and k != "data"}
+    defaults = TrainConfig(output=".").as_dict()
+    # settings added with the preference methods stay out while at their defaults, so a run trained
+    # before them keeps its fingerprint (and is re-used) after an upgrade
+    settings = {k: v for k, v in cfg.as_dict().items() if k not in OPERATIONAL and k != "data"
+                and not (k in LATER_SETTINGS and v == defaults[k])}
     weights = sorted((p.name, p.stat().st_size) for p in Path(model_dir).glob("*.safetensors"))
     return fingerprint(TOOL, src.dataset.get("id"), base_ref, config_digest(model_dir), tokenizer_digest(model_dir),
                        weights, settings)
