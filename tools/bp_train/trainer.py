@@ -1,8 +1,9 @@
-"""One training run, from a TrainConfig to an adapter and its manifest.
+"""One training run, from a TrainConfig to an adapter (or, --mode full, a model) and its manifest.
 
-    read the dataset -> resolve settings -> tokenize -> load base + adapter -> train (TRL
-    SFTTrainer, atomic checkpoints, events, graceful stop on SIGINT/SIGTERM) -> held-out loss
-    -> adapter/ + manifest.json + run history
+    read the dataset -> check its shape for the method -> resolve settings -> tokenize -> load
+    base + adapter -> train (TRL's SFT, ORPO, CPO/SimPO, KTO or DPO trainer, atomic checkpoints,
+    events, graceful stop on SIGINT/SIGTERM) -> held-out loss or pair scores
+    -> adapter/ (or model/) + manifest.json + run history
 
 Python callers get the same events as the CLI through a callback:
 
