@@ -99,8 +99,15 @@ def test_batch_size_from_the_vram_plan_then_the_tiers():
 
 
 @pytest.mark.parametrize("kw, words", [
-    (dict(method="orpo"), "not available"),
-    (dict(mode="full"), "--mode"),
+    (dict(method="ppo"), "not available"),
+    (dict(mode="full", method="kto"), "--mode full"),
+    (dict(offload=True), "--offload"),
+    (dict(method="kto", batch_size=1), "--batch-size 2"),
+    (dict(method="orpo", gamma=0.5), "--gamma"),
+    (dict(method="sft", beta=0.1), "--beta"),
+    (dict(method="simpo", beta=0.0), "--beta"),
+    (dict(method="kto", desirable_weight=-1.0), "--desirable-weight"),
+    (dict(mode="full", full_ft_ceiling=0.0), "--full-ft-ceiling"),
     (dict(init_lora_weights="pissa", mode="qlora"), "full-precision"),
     (dict(lr=2.0), "--lr"),
     (dict(lora_r=0), "--lora-r"),

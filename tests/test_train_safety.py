@@ -147,3 +147,13 @@ def test_recovery_plan_keeps_the_effective_batch():
     with pytest.raises(BpError) as e:
         rec.next_batch(1, 8, 3)
     assert e.value.code == "RUNTIME_OOM_RECOVERY_EXHAUSTED"
+
+
+def test_kto_recovery_never_goes_below_a_micro_batch_of_two():
+    rec = OomRecovery(min_batch=2)
+    assert rec.next_batch(8, 1, 3) == (4, 2) and rec.next_batch(3, 3, 3) == (2, 5)
+    rec.next_batch(2, 5, 3)
+    rec.next_batch(2, 5, 3)
+    with pytest.raises(BpError) as e:
+        rec.next_batch(2, 5, 3)
+    assert e.value.code == "RUNTIME_OOM_RECOVERY_EXHAUSTED" and "batch size 2" in e.value.message

@@ -17,12 +17,14 @@ from .config import AUTO, BATCHING, DTYPES, INITS, METHODS, MODES, OPTIMIZERS, S
 
 TOOL = "bp-train"
 
-DESCRIPTION = """Supervised fine-tuning with LoRA, QLoRA (4-bit nf4) or DoRA, resumable to the bit.
+DESCRIPTION = """Fine-tuning with LoRA, QLoRA (4-bit nf4) or DoRA, or of every weight (--mode full): supervised
+(sft) or from preferences (orpo, simpo, kto, dpo), resumable to the bit.
 
 Reads a dataset manifest (bp-prep) or a vram manifest (bp-vram) on stdin or by path, or a dataset
 file with --model (prepared in-process exactly as bp-prep would), trains on the assistant tokens,
 and writes OUTPUT/adapter/ (PEFT safetensors, tokenizer, chat template), OUTPUT/checkpoints/ and
-OUTPUT/runs.json. The adapter manifest goes to stdout. Settings left at auto are chosen from the
+OUTPUT/runs.json (--mode full: OUTPUT/model/, a plain model directory). The adapter (or model)
+manifest goes to stdout. Settings left at auto are chosen from the
 method, the dataset size, the presets and the device, and printed.
 
 Without a subcommand bp-train trains; `runs`, `show`, `diff`, `replay` and `export-runs` read the
@@ -33,8 +35,11 @@ EPILOG = """examples:
   bp-train runs/a/data -o runs/a/adapter --preset quality --mode qlora
   bp-train data.jsonl --model qwen2.5-7b -o runs/b --events runs/b.events.jsonl --log-format json
   bp-train -o runs/a/adapter --resume latest          # after a crash, a kill or a reboot
+  bp-train runs/p/data --method orpo -o runs/p/adapter  # pairs: prompt, chosen, rejected
+  bp-train runs/a/data --mode full -o runs/full         # every weight; refused above the card's ceiling
   bp-train runs -o runs/ ; bp-train show 3fa2c1 -o runs/ ; bp-train diff 3fa2c1 9b0e77 -o runs/
-exit codes: 0 ok; 64 bad setting; 65 bad data or the loss diverged; 66 input or run not found;
+exit codes: 0 ok; 64 bad setting or model above the full fine-tuning ceiling; 65 bad data (or data of the
+  wrong shape for --method) or the loss diverged; 66 input or run not found; 69 --offload without CUDA/NCCL;
   73 output holds other results (--force); 75 output locked; 130/143 stopped by SIGINT/SIGTERM
   after a checkpoint; 75 GPU too hot (after a checkpoint; resume later); 137 out of memory (recovery
   exhausted or off)"""
@@ -115,9 +120,12 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--model", metavar="MODEL", default=None,
                    help="base model: directory, hub id or preset name (none: the model the dataset was "
                         "prepared for)")
-    t.add_argument("--method", choices=METHODS, default="sft", help="training method")
+    t.add_argument("--method", choices=METHODS, default="sft",
+                   help="sft: supervised on conversations; orpo, simpo, dpo: paired preferences (prompt, chosen, "
+                        "rejected); kto: unpaired (prompt, completion, label); docs/preference.md")
     t.add_argument("--mode", choices=MODES, default="lora",
-                   help="lora: adapter on the full-precision base; qlora: on a 4-bit nf4 base (CPU too)")
+                   help="lora: adapter on the full-precision base; qlora: on a 4-bit nf4 base (CPU too); full: "
+                        "every weight, written as a plain model directory (sft only; docs/full-finetuning.md)")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and dropout")
     t.add_argument("--force", action="store_true", default=False,
                    help="start over even if OUTPUT holds this result, another result or an unfinished run")
@@ -145,12 +153,35 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--init-lora-weights", choices=INITS, default="default",
                    help="adapter initialisation; pissa and loftq are saved converted to plain LoRA")
 
+    g = t.add_argument_group("preference methods (docs/preference.md)")
+    g.add_argument("--beta", type=_auto(float), default=AUTO, metavar="B",
+                   help="orpo: weight of the odds-ratio term (auto 0.1); simpo: reward scale (auto 2.0); kto, dpo: "
+                        "(auto 0.1)")
+    g.add_argument("--gamma", type=number(float, low=0, auto=True), default=AUTO, metavar="G",
+                   help="simpo: target reward margin (auto 1.0; warned when gamma/beta leaves (0, 1])")
+    g.add_argument("--desirable-weight", type=_auto(float), default=AUTO, metavar="W",
+                   help="kto: weight of desirable rows (auto: rebalanced so the weighted ratio of desirable to "
+                        "undesirable rows is in [1, 4/3], factor at most 10)")
+    g.add_argument("--undesirable-weight", type=_auto(float), default=AUTO, metavar="W",
+                   help="kto: weight of undesirable rows (auto: rebalanced, see --desirable-weight)")
+
+    g = t.add_argument_group("full fine-tuning (docs/full-finetuning.md)")
+    g.add_argument("--full-ft-ceiling", type=number(float, low=0, low_open=True), default=None, metavar="B",
+                   help="--mode full: largest model in billions of parameters (default: by GPU memory, 4 to 10 B; "
+                        "4 to 16 B with --offload; no limit on CPU)")
+    g.add_argument("--offload", action="store_true", default=False,
+                   help="--mode full: FSDP with CPU offload (needs CUDA with NCCL)")
+    g.add_argument("--reasoning-trace", action="store_true", default=False,
+                   help="train <think> spans as plain text; an automatic --seq-len becomes 8192 (capped by the "
+                        "model's context)")
+
     g = t.add_argument_group("schedule")
     g.add_argument("--steps", type=_nonneg(int), default=0, metavar="N",
                    help="optimizer steps (0: --epochs over the data)")
     g.add_argument("--epochs", type=float, default=1.0, metavar="E", help="passes over the data when --steps is 0")
     g.add_argument("--lr", type=_auto(float), default=AUTO, metavar="LR",
-                   help="peak learning rate (auto: by method and dataset size, times the --preset multiplier)")
+                   help="peak learning rate (auto: sft by dataset size, a tenth of it for --mode full; orpo 8e-6; "
+                        "simpo, kto and dpo 1e-6; times the --preset multiplier)")
     g.add_argument("--warmup-steps", type=_warmup, default=AUTO, metavar="N",
                    help="linear warmup steps (auto: 15%%, 10%% or 5%% of the steps by dataset size)")
     g.add_argument("--lr-scheduler", choices=SCHEDULERS, default="cosine", help="learning-rate schedule")
@@ -245,7 +276,9 @@ def config_from_args(args) -> TrainConfig:
         log_steps=args.log_steps if args.log_steps != AUTO else 10, resume=args.resume, force=args.force,
         allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
         oom_recovery=args.oom_recovery, gpu_monitor=args.gpu_monitor, gpu_temp_critical=args.gpu_temp_critical,
-        max_cool_wait=args.max_cool_wait)
+        max_cool_wait=args.max_cool_wait, beta=args.beta, gamma=args.gamma, desirable_weight=args.desirable_weight,
+        undesirable_weight=args.undesirable_weight, full_ft_ceiling=args.full_ft_ceiling, offload=args.offload,
+        reasoning_trace=args.reasoning_trace)
 
 
 def run(args, ctx):
@@ -259,7 +292,8 @@ def run(args, ctx):
         manifest = train(config_from_args(args), reporter=ctx.r)
         if manifest is None:
             return None
-        ctx.summary(f"adapter: {Path(manifest['root']) / manifest['adapter_dir']} (run {manifest['run_id']}, "
+        what = "model" if manifest.get("model_dir") else "adapter"
+        ctx.summary(f"{what}: {Path(manifest['root']) / manifest[what + '_dir']} (run {manifest['run_id']}, "
                     f"{manifest['steps']} steps, final loss {manifest['final_loss']:.4g})")
         return manifest
     from . import reports

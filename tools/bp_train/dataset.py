@@ -96,6 +96,71 @@ def read_rows(m: Manifest, split: str) -> list[dict]:
     return rows
 
 
+# The bp-prep view each method trains on, and the fields a row of that view has.
+METHOD_VIEW = {"sft": "sft", "orpo": "preference", "simpo": "preference", "dpo": "preference", "kto": "kto"}
+VIEW_FIELDS = {"sft": ("messages",), "preference": ("prompt", "chosen", "rejected"),
+               "kto": ("prompt", "completion", "label")}
+VIEW_METHODS = {"sft": "sft", "preference": "orpo, simpo or dpo", "kto": "kto"}
+
+
+def row_fields(row: dict, view: str) -> list[str]:
+    """The fields of `view` this row lacks (a KTO label must be true/false; sft also takes text)."""
+    if view == "sft":
+        return [] if sft_view(row) is not None else ["messages"]
+    missing = []
+    for name in VIEW_FIELDS[view]:
+        v = row.get(name)
+        if name == "label":
+            if not isinstance(v, bool):
+                missing.append(name)
+        elif name == "prompt":
+            if not isinstance(v, list):
+                missing.append(name)
+        elif not isinstance(v, list) or not v:
+            missing.append(name)
+    return missing
+
+
+def check_method_data(m: Manifest, method: str, rows: list[dict]) -> None:
+    """DATASET_FORMAT_UNSUPPORTED unless the dataset has the view `method` trains on.
+
+    The dataset manifest's `views` decide when present; rows are checked either way. The error
+    names the fields that are missing and the view (and method) this dataset would work with.
+    """
+    view = METHOD_VIEW[method]
+    views = m.get("views")
+    bad = next((r for r in rows if row_fields(r, view)), None)
+    if bad is None and (views is None or view in views):
+        return
+    missing = row_fields(bad, view) if bad is not None else list(VIEW_FIELDS[view])
+    has = sorted(k for k in (bad or (rows[0] if rows else {})) if k != "n_tokens")
+    if views is None:
+        views = [v for v in ("sft", "preference", "kto") if rows and not any(row_fields(r, v) for r in rows)]
+    needed = " and ".join(", ".join(VIEW_FIELDS[view]).rsplit(", ", 1))
+    usable = [v for v in views if v != view]
+    if usable:
+        hint = (f"these rows train with the bp-prep view {usable[0]!r}: --method {VIEW_METHODS[usable[0]]}; "
+                f"for --method {method} prepare rows with {needed} (bp-prep's {view!r} view)")
+    else:
+        hint = f"prepare rows with {needed} with bp-prep (its {view!r} view), see docs/preference.md"
+    raise BpError("DATASET_FORMAT_UNSUPPORTED",
+                  f"--method {method} needs rows with {needed} (bp-prep's {view!r} view); this dataset lacks "
+                  f"{', '.join(missing)} (its rows have {', '.join(has) or 'no fields'}; views: "
+                  f"{', '.join(views) or 'none'})", hint=hint,
+                  details={"method": method, "view": view, "views": list(views), "missing_fields": missing,
+                           "row_fields": has})
+
+
+def preference_view(row: dict) -> dict:
+    """What ORPO and SimPO train on: prompt, chosen and rejected message lists."""
+    return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
+
+
+def kto_view(row: dict) -> dict:
+    """What KTO trains on: prompt and completion message lists, and a boolean label."""
+    return {"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])}
+
+
 def sft_view(row: dict) -> dict | None:
     """The part of a row SFT trains on: messages (+ tools), or raw text; None when it has neither."""
     if isinstance(row.get("messages"), list) and row["messages"]:

@@ -135,6 +135,16 @@ def save_adapter(peft_model, tokenizer, out_dir: Path, *, base_ref: str, init_di
         readme.unlink()
 
 
+def save_full_model(model, tokenizer, out_dir: Path) -> int:
+    """--mode full: the trained model as a plain Hugging Face directory (config, safetensors, tokenizer,
+    chat template), which bp-merge passes through and bp-gguf converts; returns its parameter count."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+    if not list(Path(out_dir).glob("*.safetensors")):
+        raise BpError("RUNTIME_IO_ERROR", f"the trained model was not written as safetensors into {out_dir}")
+    return int(model.num_parameters())
+
+
 def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

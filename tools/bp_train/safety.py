@@ -49,6 +49,7 @@ class OomRecovery:
     failures: int = 0
     failures_at_batch_1: int = 0
     history: list = field(default_factory=list)
+    min_batch: int = 1              # the smallest micro-batch the method can train with (KTO: 2)
 
     def next_batch(self, batch_size: int, grad_accum: int, step: int) -> tuple[int, int]:
         """(batch, accumulation) for the next attempt; raises when recovery is off or exhausted."""
@@ -56,13 +57,16 @@ class OomRecovery:
         if not self.enabled:
             raise BpError("RUNTIME_OOM", f"out of memory at step {step} with batch size {batch_size} "
                           "(--no-oom-recovery)", details={"step": step, "batch_size": batch_size})
-        if batch_size <= 1:
+        floor = max(1, self.min_batch)
+        if batch_size <= floor:
             self.failures_at_batch_1 += 1
             if self.failures_at_batch_1 >= OOM_FAILURES_AT_BATCH_1:
                 raise BpError("RUNTIME_OOM_RECOVERY_EXHAUSTED",
-                              f"out of memory {self.failures_at_batch_1} times at batch size 1 (last at step {step})",
-                              details={"step": step, "attempts": self.history})
-            new = (1, grad_accum)
+                              f"out of memory {self.failures_at_batch_1} times at batch size {floor} "
+                              f"(last at step {step})", details={"step": step, "attempts": self.history})
+            new = (batch_size, grad_accum)
+        elif batch_size // 2 < floor:  # keep the effective batch as close as the floor allows
+            new = (floor, max(1, -(-batch_size * grad_accum // floor)))
         else:
             new = (batch_size // 2, grad_accum * 2)
         self.history.append({"step": step, "from": [batch_size, grad_accum], "to": list(new)})

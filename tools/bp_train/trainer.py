@@ -1,8 +1,9 @@
-"""One training run, from a TrainConfig to an adapter and its manifest.
+"""One training run, from a TrainConfig to an adapter (or, --mode full, a model) and its manifest.
 
-    read the dataset -> resolve settings -> tokenize -> load base + adapter -> train (TRL
-    SFTTrainer, atomic checkpoints, events, graceful stop on SIGINT/SIGTERM) -> held-out loss
-    -> adapter/ + manifest.json + run history
+    read the dataset -> check its shape for the method -> resolve settings -> tokenize -> load
+    base + adapter -> train (TRL's SFT, ORPO, CPO/SimPO, KTO or DPO trainer, atomic checkpoints,
+    events, graceful stop on SIGINT/SIGTERM) -> held-out loss or pair scores
+    -> adapter/ (or model/) + manifest.json + run history
 
 Python callers get the same events as the CLI through a callback:
 
@@ -30,13 +31,18 @@ from bp_common.manifest import Manifest, fingerprint, read_manifest, reuse, writ
 from bp_common.progress import Reporter
 
 from . import checkpoints, runs
-from .config import DeviceFacts, TrainConfig, model_preset_of, resolve
-from .dataset import DATA_DIR, dataset_summary, encode_rows, read_rows, read_source
+from .config import PREFERENCE, DeviceFacts, TrainConfig, check_full_ft_size, model_preset_of, resolve
+from .dataset import (DATA_DIR, Encoded, check_method_data, dataset_summary, encode_rows, kto_view, preference_view,
+                      read_rows, read_source)
 from .distributed import barrier, check_input_for_ranks, is_main, sum_across_ranks, world_size
 from .safety import OomRecovery, is_oom_error, open_guard
 
 TOOL = "bp-train"
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"        # --mode full: a plain Hugging Face model directory
+LATER_SETTINGS = ("beta", "gamma", "desirable_weight", "undesirable_weight", "full_ft_ceiling", "offload",
+                  "reasoning_trace")
+REFERENCED = ("kto", "dpo")  # methods with a reference: the base with the adapter disabled
 # Settings that do not change what is trained: left out of the fingerprint, and free to change on resume.
 OPERATIONAL = ("output", "resume", "force", "save_steps", "keep_checkpoints", "eval_steps", "log_steps",
                "oom_recovery", "gpu_monitor", "gpu_temp_critical", "max_cool_wait")
@@ -106,6 +112,8 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
     if on_event is not None:
         r.callback = on_event
     config.check()
+    if config.offload:
+        check_offload()
     check_input_for_ranks(config.data, config.model)
     if not is_main():  # under a launcher, rank 0 speaks and writes for everyone
         r = Reporter(TOOL, level="error", quiet=True)
@@ -130,6 +138,9 @@ def _train(cfg: TrainConfig, out: Path, r: Reporter, faults: Faults) -> Manifest
                           "started", hint="start a new run with --force, or restore the dataset")
     else:
         record, ckpt = None, None
+        if cfg.mode == "full" and cfg.model:  # refuse a model above the ceiling before preparing anything
+            check_full_ft_ceiling(cfg, read_config(resolve_model(cfg.model, allow_pickle=cfg.allow_pickle)),
+                                  cfg.model, device_facts())
         src = read_source(cfg.data, model=cfg.model, output=out, seed=cfg.seed, reporter=r, tool=TOOL,
                           trust_remote_code=cfg.trust_remote_code, force=cfg.force)
 
@@ -142,10 +153,14 @@ def _train(cfg: TrainConfig, out: Path, r: Reporter, faults: Faults) -> Manifest
     device = device_facts()
     train_rows = read_rows(src.dataset, "train")
     heldout_rows = read_rows(src.dataset, "heldout")
+    check_method_data(src.dataset, cfg.method, train_rows)
+    labels = kto_label_counts(train_rows) if cfg.method == "kto" else None
     config = read_config(model_dir)
     preset = model_preset_of(cfg.model)
     hp = resolve(cfg, train_rows=len(train_rows), device=device, model_preset=preset,
-                 max_positions=config.get("max_position_embeddings"), plan=src.plan)
+                 max_positions=config.get("max_position_embeddings"), plan=src.plan, labels=labels)
+    if cfg.mode == "full":
+        check_full_ft_ceiling(cfg, config, model_ref, device)
 
     fp = run_fingerprint(cfg, src, model_dir, base_ref)
     if resumed is None:
@@ -161,20 +176,32 @@ def _train(cfg: TrainConfig, out: Path, r: Reporter, faults: Faults) -> Manifest
     if mode == "unavailable":
         r.warn("the chat template does not show where assistant turns are: loss covers every token "
                "(--response-template sets markers)")
-    enc = encode_rows(tok, train_rows, mode=mode, seq_len=hp.seq_len, train_on_all=cfg.train_on_all,
-                      response_template=cfg.response_template, instruction_template=cfg.instruction_template)
+    if cfg.method in PREFERENCE:
+        enc, held = preference_examples(train_rows, cfg.method), preference_examples(heldout_rows, cfg.method)
+    else:
+        enc = encode_rows(tok, train_rows, mode=mode, seq_len=hp.seq_len, train_on_all=cfg.train_on_all,
+                          response_template=cfg.response_template, instruction_template=cfg.instruction_template)
+        held = encode_rows(tok, heldout_rows, mode=mode, seq_len=hp.seq_len, train_on_all=cfg.train_on_all,
+                           response_template=cfg.response_template, instruction_template=cfg.instruction_template)
     if not enc.examples:
         raise BpError("DATASET_EMPTY", f"no training row has tokens to learn from (dropped: {dict(enc.dropped)})",
                       details={"dropped": dict(enc.dropped)})
     report_encoding(enc, hp.seq_len, r)
-    held = encode_rows(tok, heldout_rows, mode=mode, seq_len=hp.seq_len, train_on_all=cfg.train_on_all,
-                       response_template=cfg.response_template, instruction_template=cfg.instruction_template)
+    if cfg.reasoning_trace and cfg.method not in PREFERENCE:
+        check_reasoning_traces(tok, train_rows, enc, r)
     hp = resolve(cfg, train_rows=len(enc.examples), device=device, model_preset=preset,
-                 max_positions=config.get("max_position_embeddings"), plan=src.plan)
+                 max_positions=config.get("max_position_embeddings"), plan=src.plan, labels=labels)
     if preset is not None:
         r.info(f"model preset {preset.name}: {preset.hf_id} ({preset.licence}){': ' + preset.note if preset.note else ''}")
+    r.info(f"method {hp.method}, mode {hp.mode}: learning rate {hp.lr:g}"
+           + "".join(f", {k} {getattr(hp, k):g}" for k in ("beta", "gamma", "desirable_weight", "undesirable_weight")
+                     if getattr(hp, k) is not None))
     for c in hp.chosen:
         r.info(f"auto: {c.name} = {c.value} ({c.reason})")
+    for line in hp.notes:
+        r.info(line)
+    for line in hp.warnings:
+        r.warn(line)
 
     run_id = record["run_id"] if record else runs.new_run_id()
     started_at = record["started_at"] if record else None
@@ -207,7 +234,7 @@ def _train(cfg: TrainConfig, out: Path, r: Reporter, faults: Faults) -> Manifest
             state.guard.stop()
     r.event("done", run_id=run_id, steps=manifest["steps"], final_loss=manifest["final_loss"],
             heldout_loss=manifest.get("heldout_loss"), duration_s=manifest["duration_s"],
-            adapter=str(out / ADAPTER_DIR))
+            **({"model": str(out / MODEL_DIR)} if hp.mode == "full" else {"adapter": str(out / ADAPTER_DIR)}))
     return manifest
 
 
@@ -242,7 +269,11 @@ def warn_if_prepared_for_another_tokenizer(dataset: dict, model_dir: Path, r: Re
 
 def run_fingerprint(cfg: TrainConfig, src, model_dir: Path, base_ref: str) -> str:
     from bp_common.models import config_digest, tokenizer_digest
-    settings = {k: v for k, v in cfg.as_dict().items() if k not in OPERATIONAL and k != "data"}
+    defaults = TrainConfig(output=".").as_dict()
+    # settings added with the preference methods stay out while at their defaults, so a run trained
+    # before them keeps its fingerprint (and is re-used) after an upgrade
+    settings = {k: v for k, v in cfg.as_dict().items() if k not in OPERATIONAL and k != "data"
+                and not (k in LATER_SETTINGS and v == defaults[k])}
     weights = sorted((p.name, p.stat().st_size) for p in Path(model_dir).glob("*.safetensors"))
     return fingerprint(TOOL, src.dataset.get("id"), base_ref, config_digest(model_dir), tokenizer_digest(model_dir),
                        weights, settings)
@@ -328,6 +359,70 @@ def check_fresh_start(out: Path, cfg: TrainConfig, r: Reporter) -> None:
         checkpoints.clear(out)
 
 
+def check_offload(cuda: bool | None = None, nccl: bool | None = None) -> None:
+    """--offload (FSDP CPU offload) needs CUDA with NCCL: DEP_NCCL_MISSING before anything is read or loaded."""
+    if cuda is None or nccl is None:
+        import torch
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        if nccl is None:
+            try:
+                nccl = bool(torch.distributed.is_available() and torch.distributed.is_nccl_available())
+            except Exception:
+                nccl = False
+    if not cuda or not nccl:
+        raise BpError("DEP_NCCL_MISSING", "--offload shards the model with FSDP and offloads it to the CPU, which needs "
+                      + ("a CUDA GPU" if not cuda else "NCCL (torch was built without it)") + "; none here",
+                      hint="run on Linux with a CUDA GPU, or train an adapter with --mode lora",
+                      details={"cuda": bool(cuda), "nccl": bool(nccl)})
+
+
+def check_full_ft_ceiling(cfg: TrainConfig, config: dict, model_ref: str, device: DeviceFacts) -> None:
+    """TRAIN_FULL_FT_TOO_LARGE before loading, from bp-vram's exact parameter count of config.json
+    (a model bp-vram cannot count is checked after loading, with the loaded count)."""
+    from bp_common.vram import shape_from_config
+    try:
+        params = shape_from_config(config).params
+    except BpError:
+        return
+    check_full_ft_size(params, gpu_gb=device.gpu_gb if device.kind == "cuda" else None, offload=cfg.offload,
+                       override=cfg.full_ft_ceiling, model=model_ref)
+
+
+def kto_label_counts(rows: list[dict]) -> tuple[int, int]:
+    """(desirable, undesirable) rows of a KTO training split."""
+    good = sum(1 for x in rows if x.get("label") is True)
+    return good, sum(1 for x in rows if x.get("label") is False)
+
+
+def preference_examples(rows: list[dict], method: str) -> Encoded:
+    """The rows a preference trainer tokenizes itself (TRL applies the chat template)."""
+    view = kto_view if method == "kto" else preference_view
+    return Encoded([view(x) for x in rows], len(rows))
+
+
+THINK = "<think>"
+
+
+def check_reasoning_traces(tok, rows: list[dict], enc, r: Reporter) -> None:
+    """--reasoning-trace: <think> spans are trained as plain text; say so when there are none, or when the
+    chat template drops them from what is trained."""
+    with_trace = sum(1 for x in rows if THINK in (orjson_dumps(x)))
+    if not with_trace:
+        r.warn("--reasoning-trace: no training row has a <think> span")
+        return
+    kept = sum(1 for ex in enc.examples if THINK in tok.decode(ex["input_ids"]))
+    r.info(f"--reasoning-trace: {with_trace} of {len(rows)} rows carry <think> spans; {kept} keep them after "
+           "rendering")
+    if kept < with_trace:
+        r.warn(f"--reasoning-trace: the chat template removed <think> spans from {with_trace - kept} rows "
+               "(templates that strip reasoning from history, e.g. Qwen3's, keep it only in the last turn)")
+
+
+def orjson_dumps(row: dict) -> str:
+    import orjson
+    return orjson.dumps(row).decode()
+
+
 def report_encoding(enc, seq_len: int, r: Reporter) -> None:
     if enc.dropped:
         r.warn(f"dropped {sum(enc.dropped.values())} of {enc.rows} rows: "
@@ -347,6 +442,8 @@ class Trained:
     init_dir: Path | None
     peak_rss: int = 0
     peak_gpu: int | None = None
+    preference: dict | None = None   # preference methods: TRL's last training metrics, held-out pair scores
+    params: int | None = None        # --mode full: parameters saved
 
 
 def restore_state(state: RunState, ckpt: Path | None) -> None:
@@ -365,7 +462,8 @@ def train_with_oom_recovery(cfg: TrainConfig, hp, model_dir: Path, tok, enc, hel
     """run_training, again from the last checkpoint with half the micro-batch and twice the
     accumulation after each out-of-memory failure (see safety.py)."""
     import gc
-    recovery = OomRecovery(enabled=cfg.oom_recovery)
+    from .config import KTO_MIN_BATCH
+    recovery = OomRecovery(enabled=cfg.oom_recovery, min_batch=KTO_MIN_BATCH if hp.method == "kto" else 1)
     while True:
         try:
             return run_training(cfg, hp, model_dir, tok, enc, held, device, state, ckpt)
@@ -412,21 +510,40 @@ def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: 
     from .model import INIT_DIR, attach_adapter, count_parameters, load_base
 
     set_seed(hp.seed)
-    init_dir = checkpoints.root(state.output) / INIT_DIR if hp.init_lora_weights in ("pissa", "loftq") else None
+    init_dir = checkpoints.root(state.output) / INIT_DIR if hp.init_lora_weights in ("pissa", "loftq") \
+        and hp.mode != "full" else None
     base = load_base(model_dir, hp, device_kind=device.kind, allow_pickle=cfg.allow_pickle,
                      trust_remote_code=cfg.trust_remote_code)
-    model = attach_adapter(base, hp, init_dir)
-    trainable, total = count_parameters(model)
-    state.reporter.info(f"{hp.mode} r={hp.lora_r} alpha={hp.lora_alpha:g} targets={hp.targets}: "
-                        f"{trainable:,} trainable of {total:,} parameters")
-    trainer = build_trainer(model, tok, enc.examples, hp, state, device)
+    if hp.mode == "full":
+        model = base
+        check_full_ft_size(model.num_parameters(), gpu_gb=device.gpu_gb if device.kind == "cuda" else None,
+                           offload=hp.offload, override=cfg.full_ft_ceiling, model=str(model_dir))
+        trainable, total = count_parameters(model)
+        state.reporter.info(f"full fine-tuning: {trainable:,} trainable of {total:,} parameters"
+                            + (f" (ceiling {hp.full_ft_ceiling_b:g} B)" if hp.full_ft_ceiling_b else ""))
+    elif hp.method in REFERENCED:
+        model = base  # TRL's KTO/DPO trainer attaches the adapter; its reference is this base, adapter disabled
+    else:
+        model = attach_adapter(base, hp, init_dir)
+    if hp.mode != "full" and hp.method not in REFERENCED:
+        trainable, total = count_parameters(model)
+        state.reporter.info(f"{hp.mode} r={hp.lora_r} alpha={hp.lora_alpha:g} targets={hp.targets}: "
+                            f"{trainable:,} trainable of {total:,} parameters")
+    if hp.method in PREFERENCE:
+        trainer = build_preference_trainer(model, tok, enc.examples, hp, state, device, init_dir)
+        model = trainer.model
+    else:
+        trainer = build_trainer(model, tok, enc.examples, hp, state, device)
     if hp.batching == "packed" and not cfg.steps:
         # Packing changes how many batches an epoch has: count them from the packed dataset.
         per_step = hp.batch_size * hp.grad_accum
         hp.max_steps = max(1, math.ceil(len(trainer.train_dataset) / per_step * hp.epochs))
         trainer.args.max_steps = state.max_steps = hp.max_steps
-    state.eval_fn = (lambda: heldout_loss(trainer.model, trainer.data_collator, held.examples, hp.batch_size)
-                     ) if held.examples else None
+    if hp.method in PREFERENCE:
+        state.eval_fn = None
+    else:
+        state.eval_fn = (lambda: heldout_loss(trainer.model, trainer.data_collator, held.examples, hp.batch_size)
+                         ) if held.examples else None
     if device.kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with graceful_stop(state):
@@ -447,17 +564,21 @@ def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: 
     loss = state.eval_fn() if state.eval_fn else None
     if loss is not None:
         state.reporter.event("eval", step=steps, heldout_loss=loss, rows=len(held.examples))
+    pref = None
+    if hp.method in PREFERENCE:
+        from bp_common import chat
+        pref = {"train": train_metrics(trainer)}
+        if hp.method != "kto" and held.examples:
+            pref["heldout"] = preference_scores(trainer.model, tok, held.examples, chat.mask_mode(tok))
+            state.reporter.event("eval", step=steps, **{f"heldout_{k}": v for k, v in pref["heldout"].items()})
     peak_gpu = int(torch.cuda.max_memory_allocated()) if device.kind == "cuda" else None
-    return Trained(model, trainer, steps, loss, init_dir, peak_rss=peak_rss_bytes(), peak_gpu=peak_gpu)
+    return Trained(model, trainer, steps, loss, init_dir, peak_rss=peak_rss_bytes(), peak_gpu=peak_gpu,
+                   preference=pref)
 
 
-def build_trainer(model, tok, examples: list[dict], hp, state: RunState, device: DeviceFacts):
-    """The SFTTrainer for pre-tokenized examples (our labels), with our events and checkpoints."""
-    from datasets import Dataset
-    from trl import SFTConfig
-
-    batching = hp.batching
-    args = SFTConfig(
+def common_args(hp, state: RunState, device: DeviceFacts) -> dict:
+    """The TrainingArguments every method's config shares (schedule, precision, checkpoints, quiet logs)."""
+    args = dict(
         output_dir=str(checkpoints.root(state.output)),
         per_device_train_batch_size=hp.batch_size, gradient_accumulation_steps=hp.grad_accum,
         learning_rate=hp.lr, lr_scheduler_type=hp.lr_scheduler, warmup_steps=hp.warmup_steps,
@@ -469,7 +590,28 @@ def build_trainer(model, tok, examples: list[dict], hp, state: RunState, device:
         gradient_checkpointing=hp.gradient_checkpointing,
         logging_strategy="no", save_strategy="steps" if hp.save_steps else "no",
         save_steps=hp.save_steps or 1, save_total_limit=None, report_to="none", disable_tqdm=True,
-        log_level="error", dataloader_num_workers=0, ddp_find_unused_parameters=False,
+        log_level="error", dataloader_num_workers=0, ddp_find_unused_parameters=False)
+    if hp.offload:
+        # FSDP with CPU offload through accelerate; a single process gets its own process group.
+        import os
+        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500"), ("RANK", "0"), ("WORLD_SIZE", "1"),
+                     ("LOCAL_RANK", "0")):
+            os.environ.setdefault(k, v)
+        args.update(fsdp="full_shard offload auto_wrap",
+                    fsdp_config={"fsdp_version": 2, "cpu_ram_efficient_loading": True,
+                                 "activation_checkpointing": hp.gradient_checkpointing})
+        args["gradient_checkpointing"] = False  # FSDP's activation checkpointing replaces it
+    return args
+
+
+def build_trainer(model, tok, examples: list[dict], hp, state: RunState, device: DeviceFacts):
+    """The SFTTrainer for pre-tokenized examples (our labels), with our events and checkpoints."""
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    batching = hp.batching
+    args = SFTConfig(
+        **common_args(hp, state, device),
         padding_free=batching == "padding-free", packing=batching == "packed",
         max_length=None if batching == "padding-free" else hp.seq_len,
         train_sampling_strategy="group_by_length" if batching == "length-grouped" else "random",
@@ -478,6 +620,10 @@ def build_trainer(model, tok, examples: list[dict], hp, state: RunState, device:
     cbs = [event_callback(state)]
     trainer = cls(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tok,
                   callbacks=cbs)
+    return quiet(trainer, state)
+
+
+def quiet(trainer, state: RunState):
     trainer.bp_state = state
     # Trainer prints its logs to stdout when tqdm is off: stdout carries the manifest only.
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -486,14 +632,152 @@ def build_trainer(model, tok, examples: list[dict], hp, state: RunState, device:
     return trainer
 
 
-def make_trainer_class():
-    """TRL's SFTTrainer with bp-train's checkpoints (atomic, validated), per-step loss capture,
-    adapter-only resume loading and the fault seam. Later methods subclass the same way."""
+def build_preference_trainer(model, tok, examples: list[dict], hp, state: RunState, device: DeviceFacts,
+                             init_dir: Path | None):
+    """ORPO (TRL's ORPOTrainer), SimPO (CPOTrainer, loss_type simpo, cpo_alpha 0), KTO (KTOTrainer) or DPO
+    (DPOTrainer) with our events and checkpoints. ORPO and SimPO need no reference; KTO's and DPO's is the
+    base with the adapter disabled (TRL attaches the adapter from peft_config, so no second model or
+    adapter copy is made)."""
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar
+    disable_progress_bar()  # TRL tokenizes with Dataset.map: no bars on stderr
+    args = dict(common_args(hp, state, device), max_length=hp.seq_len, remove_unused_columns=False)
+    data = Dataset.from_list(examples)
+    cbs = [event_callback(state)]
+    if hp.method == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+        config = ORPOConfig(**args, beta=hp.beta, disable_dropout=False)
+        trainer = make_trainer_class("orpo")(model=model, args=config, train_dataset=data, processing_class=tok,
+                                             callbacks=cbs)
+    elif hp.method == "simpo":
+        from trl.experimental.cpo import CPOConfig
+        config = CPOConfig(**args, loss_type="simpo", cpo_alpha=0.0, beta=hp.beta, simpo_gamma=hp.gamma,
+                           disable_dropout=False)
+        trainer = make_trainer_class("simpo")(model=model, args=config, train_dataset=data, processing_class=tok,
+                                              callbacks=cbs)
+    else:
+        from .model import lora_config, save_initial_adapter
+        if hp.method == "kto":
+            from trl import KTOConfig
+            config = KTOConfig(**args, beta=hp.beta, desirable_weight=hp.desirable_weight,
+                               undesirable_weight=hp.undesirable_weight, disable_dropout=False)
+        else:
+            from trl import DPOConfig
+            config = DPOConfig(**args, beta=hp.beta, disable_dropout=False)
+        trainer = make_trainer_class(hp.method)(model=model, ref_model=None, args=config, train_dataset=data,
+                                                processing_class=tok, callbacks=cbs,
+                                                peft_config=lora_config(hp, model))
+        if init_dir is not None and not (init_dir / "adapter_model.safetensors").is_file():
+            save_initial_adapter(trainer.model, init_dir)
+        trainable, total = count_params(trainer.model)
+        state.reporter.info(f"{hp.mode} r={hp.lora_r} alpha={hp.lora_alpha:g} targets={hp.targets}: "
+                            f"{trainable:,} trainable of {total:,} parameters")
+    return quiet(trainer, state)
+
+
+def count_params(model):
+    from .model import count_parameters
+    return count_parameters(model)
+
+
+def train_metrics(trainer, last: int = 10) -> dict:
+    """The mean of TRL's own metrics (rewards, accuracies, margins) over the last `last` logged steps."""
+    stored = getattr(trainer, "_stored_metrics", None) or {}
+    train = stored.get("train") or {}
+    out = {}
+    for k, values in train.items():
+        vals = [float(v) for v in values[-last:] if v is not None and math.isfinite(float(v))]
+        if vals:
+            out[k] = round(sum(vals) / len(vals), 6)
+    if not out:  # newer TRL trainers (KTO) keep {"train": {name: [values]}}, emptied at each log
+        metrics = getattr(trainer, "_metrics", None) or {}
+        kept = (metrics.get("train") if isinstance(metrics, dict) else None) or getattr(trainer, "bp_metrics", {})
+        for k, values in (kept or {}).items():
+            vals = [float(v) for v in list(values)[-last:] if isinstance(v, (int, float)) and math.isfinite(v)]
+            if vals:
+                out[k] = round(sum(vals) / len(vals), 6)
+    return out
+
+
+def preference_scores(model, tok, pairs: list[dict], mode) -> dict:
+    """Held-out pairs scored by the trained model: reward accuracy (the chosen answer's mean per-token
+    log-probability above the rejected one's, the reward ORPO and SimPO train), and the mean summed
+    log-probabilities of both answers."""
+    import torch
+    from bp_common.chat import ChatError, IGNORE_INDEX, training_example
+    was_training = model.training
+    model.eval()
+    device = next(p for p in model.parameters()).device
+    wins, margins, chosen_lp, rejected_lp, n = 0, [], [], [], 0
+
+    def logp(messages):
+        ids, labels, _enc = training_example(tok, {"messages": messages}, mode)
+        x = torch.tensor([ids], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=x, use_cache=False).logits.float()[0, :-1]
+        target = torch.tensor(labels[1:], device=device)
+        mask = target != IGNORE_INDEX
+        lp = torch.log_softmax(logits, -1)[mask].gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)
+        return float(lp.sum()), int(mask.sum())
+
+    try:
+        for p in pairs:
+            try:
+                (c_sum, c_n), (r_sum, r_n) = logp(p["prompt"] + p["chosen"]), logp(p["prompt"] + p["rejected"])
+            except ChatError:
+                continue
+            if not c_n or not r_n:
+                continue
+            n += 1
+            margin = c_sum / c_n - r_sum / r_n
+            wins += margin > 0
+            margins.append(margin)
+            chosen_lp.append(c_sum)
+            rejected_lp.append(r_sum)
+    finally:
+        if was_training:
+            model.train()
+    if not n:
+        return {"pairs": 0}
+    return {"pairs": n, "reward_accuracy": wins / n, "margin": sum(margins) / n,
+            "chosen_logp": sum(chosen_lp) / n, "rejected_logp": sum(rejected_lp) / n,
+            "chosen_above_rejected": sum(c > r for c, r in zip(chosen_lp, rejected_lp)) / n}
+
+
+_TRAINER_CLASSES: dict = {}
+
+
+def make_trainer_class(method: str = "sft"):
+    """TRL's trainer for `method` (SFTTrainer, ORPOTrainer, CPOTrainer, KTOTrainer) with bp-train's
+    checkpoints (atomic, validated), per-step loss capture, adapter-only resume loading and the
+    fault seam."""
+    if method not in _TRAINER_CLASSES:
+        _TRAINER_CLASSES[method] = _make_trainer_class(method)
+    return _TRAINER_CLASSES[method]
+
+
+def _trl_class(method: str):
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOTrainer
+        return ORPOTrainer
+    if method == "simpo":
+        from trl.experimental.cpo import CPOTrainer
+        return CPOTrainer
+    if method == "kto":
+        from trl import KTOTrainer
+        return KTOTrainer
+    if method == "dpo":
+        from trl import DPOTrainer
+        return DPOTrainer
+    from trl import SFTTrainer
+    return SFTTrainer
+
+
+def _make_trainer_class(method: str):
     import torch
     from transformers import Trainer
-    from trl import SFTTrainer
 
-    class BpSFTTrainer(SFTTrainer):
+    class BpTrainer(_trl_class(method)):
         bp_state: RunState | None = None
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -509,7 +793,7 @@ def make_trainer_class():
             loss = super().training_step(model, inputs, num_items_in_batch)
             st.step_loss += float(loss)
             st.step_tokens += batch_tokens(inputs)
-            st.step_label_tokens += int((inputs["labels"][..., 1:] != -100).sum())
+            st.step_label_tokens += label_tokens(inputs)
             return loss
 
         def _save_checkpoint(self, model, trial):
@@ -547,17 +831,27 @@ def make_trainer_class():
             if st.on_save is not None:
                 st.on_save(step, final)
 
+        def log(self, logs, *args, **kwargs):
+            # TRL's trainers empty their metric buffers when they log: keep the last ones for the manifest.
+            metrics = getattr(self, "_metrics", None)
+            if isinstance(metrics, dict) and metrics.get("train"):
+                self.bp_metrics = {k: list(v) for k, v in metrics["train"].items()}
+            return super().log(logs, *args, **kwargs)
+
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             # Load the adapter weights only: PEFT's load_adapter would re-run PiSSA/LoftQ initialisation.
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
             path = Path(resume_from_checkpoint) / "adapter_model.safetensors"
+            if not path.is_file() and not hasattr(model or self.model, "peft_config"):  # --mode full
+                return Trainer._load_from_checkpoint(self, resume_from_checkpoint, model)
             result = set_peft_model_state_dict(model or self.model, load_file(str(path)))
             if getattr(result, "unexpected_keys", None):
                 raise BpError("STATE_CHECKPOINT_INVALID", f"{path} does not fit this adapter "
                               f"({len(result.unexpected_keys)} unexpected tensors)")
 
-    return BpSFTTrainer
+    BpTrainer.__name__ = BpTrainer.__qualname__ = f"Bp{_trl_class(method).__name__}"
+    return BpTrainer
 
 
 def batch_tokens(inputs) -> int:
@@ -565,7 +859,22 @@ def batch_tokens(inputs) -> int:
         return int(inputs["attention_mask"].sum())
     if "position_ids" in inputs:
         return int(inputs["position_ids"].numel())
-    return int(inputs["input_ids"].numel())
+    if "input_ids" in inputs:
+        return int(inputs["input_ids"].numel())
+    # preference batches: chosen_/rejected_/completion_ masks (the KL_ pairs are not trained on)
+    return sum(int(v.sum()) for k, v in inputs.items() if k.endswith("attention_mask") and not k.startswith("KL")
+               and not k.startswith("prompt") and hasattr(v, "sum"))
+
+
+def label_tokens(inputs) -> int:
+    """Tokens that carry loss: labels other than -100 (chosen_labels and rejected_labels for pairs)."""
+    if "labels" in inputs:
+        return int((inputs["labels"][..., 1:] != -100).sum())
+    n = sum(int((v[..., 1:] != -100).sum()) for k, v in inputs.items() if k.endswith("labels") and hasattr(v, "sum")
+            and not k.startswith("KL"))
+    if not n and "completion_mask" in inputs:
+        n = int(inputs["completion_mask"].sum())
+    return n
 
 
 def _make_event_callback():
@@ -743,8 +1052,13 @@ def publish(out: Path, cfg: TrainConfig, hp, src, base_ref: str, model_dir: Path
     from .model import save_adapter
     from .result import adapter_manifest
 
-    with atomic_dir(out / ADAPTER_DIR, replace=True) as tmp:
-        save_adapter(result.model, tok, tmp, base_ref=base_ref, init_dir=result.init_dir)
+    if hp.mode == "full":
+        from .model import save_full_model
+        with atomic_dir(out / MODEL_DIR, replace=True) as tmp:
+            result.params = save_full_model(result.model, tok, tmp)
+    else:
+        with atomic_dir(out / ADAPTER_DIR, replace=True) as tmp:
+            save_adapter(result.model, tok, tmp, base_ref=base_ref, init_dir=result.init_dir)
     manifest = adapter_manifest(out, cfg=cfg, hp=hp, src=src, base_ref=base_ref, model_dir=model_dir,
                                 result=result, state=state, fingerprint=fp, run_id=run_id, duration=duration)
     write_manifest(manifest, out)
@@ -757,7 +1071,8 @@ def run_facts(manifest: dict, state: RunState) -> dict:
     keys = ("steps", "final_loss", "min_loss", "heldout_loss", "loss_history", "tokens_seen", "duration_s",
             "device", "peak_memory")
     out = {k: manifest.get(k) for k in keys}
-    out["adapter_dir"] = str(Path(manifest["root"]) / manifest["adapter_dir"])
+    key = "model_dir" if manifest.get("model_dir") else "adapter_dir"
+    out[key] = str(Path(manifest["root"]) / manifest[key])
     return out
 
 
