@@ -117,7 +117,7 @@ ELSEWHERE = {
     "GPU_MONITOR_FAILED": "needs a GPU; device fakes in bp-train tests",
     "EVAL_REGRESSED": "the gate's verdict, not a bad input; test_eval_cli",
     "TRAIN_DIVERGED": "a run whose loss explodes; test_train_sft",
-    "EXPORT_VERIFY_FAILED": "a GGUF that does not reproduce its model; test_gguf (a wrong pre-tokenizer)",
+    "EXPORT_VERIFY_FAILED": "a GGUF that does not reproduce its model; test_gguf (a permutation bug injected)",
     "EXPORT_FAILED": "llama.cpp's quantizer failing; not reachable with a bad input",
     "DEP_QUANTIZER_MISSING": "needs llama-cpp-python hidden; test_gguf",
     "RUNTIME_OOM_RECOVERY_EXHAUSTED": "injected OOMs; test_train_safety",

@@ -322,3 +322,20 @@ def test_help_is_fast_and_complete(run_tool):
     assert r.rc == 0 and "q4_k_m" in r.stdout and "inspect" in r.stdout
     r = run_tool("bp-gguf", "convert", "--help")
     assert r.rc == 0 and "--pre-tokenizer" in r.stdout and "--adapter" in r.stdout
+
+
+def test_a_conversion_bug_is_caught_by_verification_and_nothing_is_published(tiny_llama, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Without the Q/K permutation llama.cpp computes something else: verification must refuse the file."""
+    import dataclasses
+    from bp_common.cli import run_main
+    from bp_gguf import families
+    from bp_gguf.cli import get_parser, run
+    broken = dataclasses.replace(families.FAMILIES["LlamaForCausalLM"], permute_qk=False)
+    monkeypatch.setitem(families.FAMILIES, "LlamaForCausalLM", broken)
+    out = tmp_path / "g"
+    rc = run_main("bp-gguf", get_parser, run, [str(tiny_llama), "-q", "f32", "-o", str(out), "--quiet"])
+    env = json.loads(capsys.readouterr().out)
+    assert rc == 65 and env["code"] == "EXPORT_VERIFY_FAILED", env
+    assert "top-1" in env["message"] or "logit" in env["message"]
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))
