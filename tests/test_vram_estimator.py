@@ -87,8 +87,9 @@ def _count_after_one_step(model_dir, mode: str, r: int = 8):
             if isinstance(m, bnb.nn.Linear4bit):
                 qs = m.weight.quant_state
                 frozen += nbytes(qs.absmax) + nbytes(qs.code) + 4
-                if qs.state2 is not None:
-                    frozen += nbytes(qs.state2.absmax) + nbytes(qs.state2.code)
+                state2 = getattr(qs, "state2", None)  # bitsandbytes >= 0.50 raises instead of returning None
+                if state2 is not None:
+                    frozen += nbytes(state2.absmax) + nbytes(state2.code)
     got = {"weights": frozen + (sum(nbytes(p) for p in trainable) if mode == "full" else 0),
            "adapter": 0 if mode == "full" else sum(nbytes(p) for p in trainable),
            "gradients": sum(nbytes(p.grad) for p in trainable),
