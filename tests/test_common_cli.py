@@ -69,6 +69,16 @@ def test_internal_error_is_one_line_and_redacted_unless_verbose():
     assert "Traceback" in rv.stderr
 
 
+@pytest.mark.parametrize("exc,exit_code", [("bug", 70), ("wrapped", 69)])
+def test_verbose_traceback_is_redacted_too(exc, exit_code):
+    # --verbose adds the traceback for a bug report; a token in an exception message must not ride along.
+    r = fake("fail", "--exc", exc, "--verbose")
+    assert r.returncode == exit_code
+    assert "Traceback" in r.stderr and "hf_***" in r.stderr
+    for secret in ("abcdefgh12345", "hf_abcdefghijkl1", "pw12345678"):
+        assert secret not in r.stderr and secret not in r.stdout
+
+
 def test_usage_error_exits_2_with_envelope():
     r = fake("emit", "--number", "notanumber")
     assert r.returncode == 2

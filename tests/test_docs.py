@@ -11,6 +11,13 @@ import pytest
 from bp_common.envvars import ENV_VARS
 from bp_common.errors import CATALOG
 from conftest import ROOT, declared_tools, tool_cmd
+from helpers.citations import check_commands, env_names, upstream_env
+from test_migrations import PENDING
+
+# The original system's names (`backprop …`, BACKPROPAGATE_TRAINING__…) are accepted only in the
+# migration guide, which maps them; everywhere else a cited variable must be one bp-* reads.
+MIGRATIONS = ROOT / "docs" / "migrations.md"
+UPSTREAM_REFERENCE = ROOT / "tests" / "reference" / "upstream-backpropagate.md"
 
 DOCS = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 FAMILIES = ("INPUT", "DATASET", "CONFIG", "DEP", "HUB", "RUNTIME", "STATE", "GPU", "TRAIN", "EXPORT",
@@ -39,6 +46,33 @@ def test_cited_error_codes_exist(doc):
     env_names = {v.name for v in ENV_VARS}
     unknown = sorted(c for c in cited if c not in CATALOG and c not in env_names)
     assert not unknown, f"{doc.relative_to(ROOT)} cites codes that do not exist: {unknown}"
+
+
+def unknown_variables(doc, text: str) -> list[str]:
+    """BACKPROPAGATE_* names a doc cites that bp-* does not read (the guide may cite the original's)."""
+    known = {v.name for v in ENV_VARS}
+    if doc == MIGRATIONS:
+        known |= upstream_env(UPSTREAM_REFERENCE.read_text(encoding="utf-8"))
+    # A name ending in _ is a family prefix (`BACKPROPAGATE_TRAINING__…`), not a variable.
+    return sorted(n for n in env_names(text) if not n.endswith("_") and n not in known)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_cited_environment_variables_exist(doc):
+    unknown = unknown_variables(doc, doc.read_text(encoding="utf-8"))
+    assert not unknown, f"{doc.relative_to(ROOT)} cites variables bp-* does not read: {unknown}"
+
+
+def test_original_variables_are_accepted_only_in_the_migration_guide():
+    line = "Set `BACKPROPAGATE_TRAINING__LEARNING_RATE=1e-4` (see `BACKPROPAGATE_LORA__…`).\n"
+    assert unknown_variables(ROOT / "docs" / "training.md", line) == ["BACKPROPAGATE_TRAINING__LEARNING_RATE"]
+    assert unknown_variables(MIGRATIONS, line) == []
+    assert unknown_variables(MIGRATIONS, "`BACKPROPAGATE_TRAINING__WARP`") == ["BACKPROPAGATE_TRAINING__WARP"]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_cited_bp_flags_exist(doc):
+    assert check_commands(doc.read_text(encoding="utf-8"), PENDING) == []
 
 
 def _env_names_in_code() -> set[str]:

@@ -21,6 +21,7 @@ from . import __version__
 from .errors import BpError, UpstreamFailure, from_os_error
 from .envvars import ENV_VARS
 from .progress import Reporter
+from .redact import redact
 
 
 class Terminated(BaseException):
@@ -299,8 +300,9 @@ def _write_envelope(envelope: dict) -> None:
 
 
 def _stderr(line: str) -> None:
+    """Write a line on stderr, redacted: --verbose tracebacks carry exception messages and source lines."""
     try:
-        sys.stderr.write(line + "\n")
+        sys.stderr.write(redact(line) + "\n")
         sys.stderr.flush()
     except (BrokenPipeError, OSError):
         pass

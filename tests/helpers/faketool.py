@@ -19,7 +19,7 @@ def get_parser():
     f = sub.add_parser("fail", help="fail in a chosen way")
     f.add_argument("--code", default=None, help="raise BpError with this code")
     f.add_argument("--exc", default=None, help="raise this kind of exception: keyboard, memory, oserror-nospc, "
-                   "permission, bug, sigterm-wait")
+                   "permission, bug, wrapped, sigterm-wait")
     c = sub.add_parser("consume", help="read a manifest and pass a new one on")
     c.add_argument("input", nargs="?", help="manifest")
     c.add_argument("--expect", default="dataset,vram,report", help="kinds accepted")
@@ -55,7 +55,12 @@ def run(args, ctx):
             sys.stderr.flush()
             sys.stdin.read()
             return None
-        raise RuntimeError("boom Bearer abcdefgh12345")
+        if exc == "wrapped":  # a catalogued error caused by a library exception that carries secrets
+            try:
+                raise ConnectionError("GET https://user:pw12345678@hub.example/x with hf_abcdefghijkl1 failed")
+            except ConnectionError as cause:
+                raise BpError("HUB_UNREACHABLE", "hub unreachable") from cause
+        raise RuntimeError("boom Bearer abcdefgh12345 hf_abcdefghijkl1 https://user:pw12345678@host/x")
     if args.command == "consume":
         inp = manifest.read_input(args.input, args.expect.split(","), TOOL)
         m = manifest.new_manifest("report", TOOL, None, inputs=[inp.manifest.ref()], seen=inp.manifest.kind)
