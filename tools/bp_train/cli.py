@@ -337,10 +337,10 @@ def config_from_args(args) -> TrainConfig:
 def run(args, ctx):
     if args.command == "train":
         from .distributed import is_main
+        if args.runs or args.run_data or resumes_multi_run(args):
+            return run_multi(args, ctx)
         if args.launch:
             return launch(args, ctx)
-        if args.runs or args.run_data:
-            return run_multi(args, ctx)
         if not is_main():  # under a launcher only rank 0 prints a manifest or an error envelope on stdout
             sys.stdout = sys.stderr
         from .trainer import train
@@ -381,6 +381,15 @@ def multi_run_config(args):
         lr_across=args.lr_across, lr_start=args.lr_start, lr_end=args.lr_end, validation=args.validation,
         drift_threshold=args.drift_threshold, eval_gate_margin=args.eval_gate_margin, patience=args.patience,
         keep_best=args.keep_best, keep_boundaries=args.keep_boundaries, max_runs_kept=args.max_runs_kept)
+
+
+def resumes_multi_run(args) -> bool:
+    """--resume on an output directory that holds an unfinished multi-run continues that multi-run."""
+    if not args.resume or not args.output:
+        return False
+    from .multirun import read_history
+    history = read_history(Path(args.output))
+    return history is not None and history.get("status") != "completed"
 
 
 def run_multi(args, ctx):

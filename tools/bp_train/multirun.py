@@ -28,7 +28,7 @@ from bp_common.io import OutputLock, atomic_dir, atomic_write, sha256_bytes, sha
 from bp_common.manifest import MANIFEST_NAME, Manifest, fingerprint, new_manifest, read_manifest, reuse, write_manifest
 from bp_common.progress import Reporter
 
-from . import slao
+from . import checkpoints, slao
 from .config import AUTO, TrainConfig
 
 TOOL = "bp-train"
@@ -398,14 +398,14 @@ def _run_dir(out: Path, i: int) -> Path:
 
 
 def _multi_run(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporter, faults) -> Manifest:
+    cfg, mr, history = _resume_settings(cfg, mr, out, r)
+    cfg.check()
+    mr.check(cfg)
     from bp_common.models import quiet_transformers
 
     from .trainer import silence_library_warnings, train
     quiet_transformers()
     silence_library_warnings()
-    cfg, mr, history = _resume_settings(cfg, mr, out, r)
-    cfg.check()
-    mr.check(cfg)
     pools = _pools(cfg, mr, out, r)
     n = mr.runs or len(mr.run_data)
     fp = _fingerprint(cfg, mr, pools)
@@ -510,11 +510,7 @@ def _multi_run(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporter, fau
         entry["norms"]["accumulator"] = slao.norms(new_acc)
         entry["timings"] = {"train_s": round(train_s, 3), "merge_s": entry.pop("merge_s"),
                             "total_s": round(time.monotonic() - t0, 3)}
-        if acc_loss is not None:
-            if best is None or acc_loss < best:
-                best, stale = acc_loss, 0
-            else:
-                stale += 1
+        best, stale = track_best(best, stale, acc_loss)
         entry["runs_without_improvement"] = stale
         done.append(entry)
         if mr.patience and stale >= mr.patience and i < n:
@@ -522,6 +518,7 @@ def _multi_run(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporter, fau
             r.warn(f"early stopping after run {i}: no better held-out loss for {stale} runs (--patience "
                    f"{mr.patience})")
         write_history(out, history)
+        checkpoints.clear(run_dir)  # a merged run is never resumed: its optimizer state is not needed
         r.event("merge", run=i, status=status, **{"lambda": lam}, b_similarity=sim, heldout_loss=acc_loss,
                 run_heldout_loss=m.get("heldout_loss"))
         prune(out, history, mr, pools)
@@ -529,6 +526,16 @@ def _multi_run(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporter, fau
         previous.append(plan.fresh)
         i += 1
     return finish(out, history, cfg, mr, pools, fp, r)
+
+
+def track_best(best: float | None, stale: int, loss: float | None) -> tuple[float | None, int]:
+    """(best held-out loss so far, runs since it improved) after a run whose accumulator scored `loss`
+    (None: no validation, nothing changes)."""
+    if loss is None:
+        return best, stale
+    if best is None or loss < best:
+        return loss, 0
+    return best, stale + 1
 
 
 def _abs(p):
