@@ -205,6 +205,17 @@ def test_one_dataset_per_run(tmp_path, tiny_llama):
     assert len(m["inputs"]) == 2
 
 
+def test_a_piped_dataset_manifest_feeds_a_multi_run_that_resume_can_find_again(run_tool, tiny_llama, tmp_path):
+    data = prepared(str(tiny_llama))
+    out = tmp_path / "piped"
+    r = run_tool("bp-train", "-o", out, "--runs", "2", "--steps-per-run", "2", "--samples-per-run", "20",
+                 "--lora-r", "4", input=(data / "manifest.json").read_text())
+    assert r.rc == 0, r
+    assert r.json["kind"] == "adapter" and r.json["multi_run"]["runs"] == 2
+    h = json.loads((out / "merge_history.json").read_text())
+    assert Path(h["config"]["train"]["data"]) == data.resolve()
+
+
 @pytest.mark.parametrize("change, word", [
     (dict(mode="full"), "--mode full"), (dict(dora=True), "--dora"), (dict(method="orpo"), "--method sft"),
     (dict(init_lora_weights="pissa"), "pissa")])

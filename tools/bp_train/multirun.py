@@ -355,6 +355,9 @@ def _resume_settings(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporte
                 return cfg, mr, None
             raise BpError("STATE_RUN_NOT_FOUND", f"no unfinished multi-run in {out} to resume",
                           hint="start one without --resume")
+        if cfg.resume not in ("latest", "auto") and not str(history.get("run_id", "")).startswith(cfg.resume):
+            raise BpError("STATE_RUN_NOT_FOUND", f"no multi-run {cfg.resume} in {out} (it holds "
+                          f"{history.get('run_id')})", hint=f"bp-train -o {out} --resume latest")
         old = TrainConfig.from_dict(history["config"]["train"])
         old.output, old.resume, old.force = cfg.output, cfg.resume, False
         old_mr = MultiRunConfig.from_dict(history["config"]["multi_run"])
@@ -374,8 +377,6 @@ def _pools(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporter) -> list
     refs = mr.run_data or [cfg.data]
     pools = []
     for k, ref in enumerate(refs):
-        if ref is None:
-            raise BpError("INPUT_USAGE", "a multi-run needs a dataset: INPUT (the pool) or --run-data PATH per run")
         where = out / SOURCES_DIR / f"{k + 1:03d}"
         src = read_source(ref, model=cfg.model, output=where, seed=cfg.seed, reporter=r, tool=TOOL,
                           trust_remote_code=cfg.trust_remote_code, force=cfg.force)
@@ -407,6 +408,8 @@ def _multi_run(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporter, fau
     quiet_transformers()
     silence_library_warnings()
     pools = _pools(cfg, mr, out, r)
+    if not mr.run_data and cfg.data in (None, "-"):  # a piped manifest: resume reads its directory
+        cfg.data = str(pools[0].manifest.base_dir)
     n = mr.runs or len(mr.run_data)
     fp = _fingerprint(cfg, mr, pools)
     if history is None:
