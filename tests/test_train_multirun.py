@@ -225,6 +225,18 @@ def test_unsupported_combinations_are_refused(tmp_path, tiny_llama, change, word
     assert e.value.code == "CONFIG_INVALID_SETTING" and word in str(e.value)
 
 
+@pytest.mark.parametrize("change, word", [
+    (dict(replay_fraction=0.6), "--replay-fraction"), (dict(patience=2, validation=False), "validation"),
+    (dict(runs=0), "--runs"), (dict(runs=3, run_data=["a", "b"]), "one dataset per run"),
+    (dict(merge="average"), "--merge")])
+def test_bad_multi_run_settings_are_refused_before_anything_is_read(tmp_path, change, word):
+    with pytest.raises(BpError) as e:
+        multi_run(TrainConfig(output=str(tmp_path / "x"), data=str(tmp_path / "missing")),
+                  MultiRunConfig(**{"runs": 2, **change}))
+    assert e.value.code == "CONFIG_INVALID_SETTING" and word in str(e.value)
+    assert not (tmp_path / "x" / "merge_history.json").exists()
+
+
 def test_cli_refuses_bad_multi_run_flags(run_tool, tiny_llama, tmp_path):
     data = prepared(str(tiny_llama))
     r = run_tool("bp-train", data, "-o", tmp_path / "o", "--runs", "2", "--replay-fraction", "0.7")
