@@ -193,7 +193,7 @@ def test_an_eval_gate_rejection_restores_the_accumulator_and_is_recorded(tmp_pat
     assert m["multi_run"]["statuses"] == {"1": "first", "2": "rejected"}
 
 
-def test_one_dataset_per_run(tmp_path, tiny_llama):
+def test_one_dataset_per_run_and_new_datasets_extend_a_finished_multi_run(tmp_path, tiny_llama):
     files = [str(Path(__file__).resolve().parents[1] / "examples" / f"chat-{f}.jsonl") for f in ("openai", "alpaca")]
     out = tmp_path / "per-run"
     cfg = TrainConfig(output=str(out), model=str(tiny_llama), **TRAIN)
@@ -203,6 +203,22 @@ def test_one_dataset_per_run(tmp_path, tiny_llama):
     # run 2 is scored on the held-out slices of both datasets
     assert h["runs"][1]["data"]["heldout"] > h["runs"][0]["data"]["heldout"] > 0
     assert len(m["inputs"]) == 2
+    # next week's data: the same command with one more --run-data trains run 3 only
+    acc2 = weights(out / "runs" / "run-002" / "accumulated")
+    week3 = files + [str(Path(files[0]).with_name("chat-sharegpt.jsonl"))]
+    m3 = multi_run(cfg, MultiRunConfig(run_data=week3, steps_per_run=2, samples_per_run=20))
+    h3 = json.loads((out / "merge_history.json").read_text())
+    assert m3["run_id"] == m["run_id"] and m3["multi_run"]["runs"] == 3 and h3["status"] == "completed"
+    assert [e["run_id"] for e in h3["runs"][:2]] == [e["run_id"] for e in h["runs"]]
+    assert h3["runs"][2]["data"]["source"] == 3 and h3["extensions"] == [{"from_run": 3, "runs": 3}]
+    assert all(np.array_equal(weights(out / "runs" / "run-002" / "accumulated")[k], acc2[k]) for k in acc2)
+    final = weights(out / "adapter")
+    assert any(not np.array_equal(final[k], acc2[k]) for k in acc2)
+    # other settings, or datasets that do not extend the list, are another multi-run
+    for change in (dict(run_data=week3[:1] + week3[2:]), dict(run_data=week3 + files[:1], merge="linear")):
+        with pytest.raises(BpError) as e:
+            multi_run(cfg, MultiRunConfig(**{"steps_per_run": 2, "samples_per_run": 20, **change}))
+        assert e.value.code == "STATE_OUTPUT_EXISTS"
 
 
 def test_a_piped_dataset_manifest_feeds_a_multi_run_that_resume_can_find_again(run_tool, tiny_llama, tmp_path):

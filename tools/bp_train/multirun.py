@@ -394,6 +394,25 @@ def _fingerprint(cfg: TrainConfig, mr: MultiRunConfig, pools: list[Pool]) -> str
     return fingerprint(TOOL, "multi-run", [p.manifest.get("id") for p in pools], settings, multi)
 
 
+def _settings_key(cfg: TrainConfig, mr: MultiRunConfig) -> str:
+    """The settings of a multi-run without its datasets and number of runs (what an extension keeps)."""
+    from .trainer import OPERATIONAL as TRAIN_OPERATIONAL
+    settings = {k: v for k, v in cfg.as_dict().items() if k not in TRAIN_OPERATIONAL and k != "data"}
+    multi = {k: v for k, v in mr.as_dict().items() if k not in OPERATIONAL + ("run_data", "runs")}
+    return fingerprint(TOOL, "multi-run settings", settings, multi)
+
+
+def extends(old: dict | None, cfg: TrainConfig, mr: MultiRunConfig, pools: list[Pool]) -> bool:
+    """Whether this command appends --run-data datasets to a completed multi-run with the same settings
+    (the weekly-cron case): its datasets are the old ones, in order, followed by new ones."""
+    if old is None or old.get("status") != "completed" or not mr.run_data:
+        return False
+    sources = old.get("sources") or []
+    ids = [p.manifest.get("id") for p in pools]
+    return (bool(sources) and len(ids) > len(sources) and ids[:len(sources)] == sources
+            and old.get("settings_key") == _settings_key(cfg, mr))
+
+
 def _run_dir(out: Path, i: int) -> Path:
     return out / RUNS_DIR / f"run-{i:03d}"
 
@@ -417,9 +436,21 @@ def _multi_run(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporter, fau
         if existing is not None:
             r.info(f"{out} already holds this multi-run (same inputs and settings): re-using it; --force redoes it")
             return existing
+    old = read_history(out) if history is None and not cfg.force else None
+    if history is None and extends(old, cfg, mr, pools):
+        history = old
+        r.info(f"extending multi-run {history['run_id']}: runs {len(history['runs']) + 1} to {n} on the new "
+               "--run-data datasets; the earlier runs are kept as they are")
+        history.update(status="running", total_runs=n, fingerprint=fp, sources=[p.manifest.get("id") for p in pools])
+        history["config"]["multi_run"].update(runs=mr.runs, run_data=[_abs(x) for x in mr.run_data])
+        history.setdefault("extensions", []).append({"from_run": len(history["runs"]) + 1, "runs": n})
+        history.pop("early_stopped_after", None)
+        write_history(out, history)
+    elif history is None:
         if (out / MANIFEST_NAME).is_file() and not cfg.force:
             raise BpError("STATE_OUTPUT_EXISTS", f"{out} already holds an adapter trained with other inputs or "
-                          "settings", hint="pass --force to replace it, or choose another --output")
+                          "settings", hint="pass --force to replace it, or choose another --output (a multi-run "
+                          "with --run-data takes new datasets appended to its list, with the same settings)")
         for name in (RUNS_DIR, ADAPTER_DIR, HISTORY, MANIFEST_NAME):
             p = out / name
             if p.is_dir():
@@ -429,6 +460,7 @@ def _multi_run(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporter, fau
         from .runs import new_run_id
         history = {"schema_version": 1, "run_id": new_run_id(), "status": "running", "total_runs": n,
                    "merge": mr.merge, "lambda_schedule": mr.lambda_schedule, "fingerprint": fp,
+                   "settings_key": _settings_key(cfg, mr), "sources": [p.manifest.get("id") for p in pools],
                    "config": {"train": {**cfg.as_dict(), "resume": None, "force": False,
                                         "data": _abs(cfg.data)},
                               "multi_run": {**mr.as_dict(), "run_data": [_abs(x) for x in mr.run_data]}},
