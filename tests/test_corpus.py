@@ -122,6 +122,7 @@ ELSEWHERE = {
     "DEP_QUANTIZER_MISSING": "needs llama-cpp-python hidden; test_gguf",
     "RUNTIME_OOM_RECOVERY_EXHAUSTED": "injected OOMs; test_train_safety",
     "GPU_TEMPERATURE_CRITICAL": "a fake hot sensor; test_train_safety",
+    "SLAO_MERGE_DIVERGED": "a merge that produced NaN; test_train_slao",
 }
 
 

@@ -183,7 +183,8 @@ CATALOG: dict[str, CodeInfo] = {
     "EVAL_REGRESSED": _c(65, "the candidate is worse than the baseline beyond the allowed margin",
                          "keep the baseline, or raise --max-regression"),
     # --- SLAO (multi-run) -----------------------------------------------------------------------
-    "SLAO_MERGE_DIVERGED": _c(65, "a multi-run merge produced NaN or Inf", "lower --lr or resume from an earlier run"),
+    "SLAO_MERGE_DIVERGED": _c(65, "a multi-run merge produced NaN or Inf",
+                               "lower --lr-start, or continue from an earlier run's accumulated adapter"),
     # --- PARTIAL --------------------------------------------------------------------------------
     "PARTIAL_SUCCESS": _c(3, "some of several actions failed (each is listed in details)",
                           "read details for the failed items"),

@@ -13,6 +13,8 @@ from bp_common.cli import add_subparsers, entry, make_parser, number
 from bp_common.errors import BpError
 from bp_common.presets import LORA_PRESETS
 
+from .multirun import LR_ACROSS, MAX_REPLAY_FRACTION, REPLAYS
+from .slao import LAMBDA_SCHEDULES, MERGES
 from .config import AUTO, BATCHING, DTYPES, INITS, METHODS, MODES, OPTIMIZERS, SCHEDULERS, TrainConfig
 
 TOOL = "bp-train"
@@ -244,6 +246,57 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--accelerate-config", default=None, metavar="FILE",
                    help="with --launch accelerate: an accelerate config file (DDP, FSDP, DeepSpeed ZeRO)")
 
+    g = t.add_argument_group("multi-run: one LoRA over many sequential runs (docs/multi-run.md)")
+    g.add_argument("--runs", type=_nonneg(int), default=0, metavar="N",
+                   help="train N runs in sequence and merge each into one adapter (0: a single run; with "
+                        "--run-data: one run per dataset)")
+    g.add_argument("--steps-per-run", type=_nonneg(int), default=100, metavar="S",
+                   help="optimizer steps of each run (0: --steps, or --epochs over the run's rows)")
+    g.add_argument("--samples-per-run", type=_nonneg(int), default=0, metavar="K",
+                   help="rows each run trains on, replayed ones included (0: the pool split evenly over the runs; "
+                        "with --run-data: the whole dataset)")
+    g.add_argument("--run-data", action="append", default=[], metavar="PATH",
+                   help="the dataset of the next run (manifest, directory or file with --model); repeat once per "
+                        "run, so each run brings new data; INPUT is then not needed")
+    g.add_argument("--merge", choices=MERGES, default="slao",
+                   help="how a finished run joins the accumulated adapter: slao (orthonormal A init, A replaced, "
+                        "B moved by lambda), linear, ties, dare (every tensor moved by lambda), simple (keep "
+                        "training one adapter)")
+    g.add_argument("--lambda-schedule", choices=LAMBDA_SCHEDULES, default="inv_sqrt",
+                   help="merge weight of run i: inv_sqrt 1/sqrt(i), inv 1/i, inv_log 1/ln(i+1), constant "
+                        "--merge-lambda; clamped to [0.1, 1]")
+    g.add_argument("--merge-lambda", type=number(float, low=0, high=1, low_open=True), default=0.5, metavar="L",
+                   help="the merge weight of --lambda-schedule constant")
+    g.add_argument("--replay", choices=REPLAYS, default="recent",
+                   help="which earlier rows a run replays: recent (the latest runs'), random (a seeded sample of "
+                        "all), all_previous (an equal share of each earlier run)")
+    g.add_argument("--replay-fraction", type=number(float, low=0, high=MAX_REPLAY_FRACTION), default=0.0,
+                   metavar="F", help="share of each run's rows replayed from earlier runs, 0 to 0.5")
+    g.add_argument("--lr-across", choices=LR_ACROSS, default="linear",
+                   help="how the peak learning rate moves from --lr-start (run 1) to --lr-end (the last run); "
+                        "each run warms up and decays (cosine) on its own")
+    g.add_argument("--lr-start", type=number(float, low=0, high=1, low_open=True, high_open=True), default=2e-4,
+                   metavar="LR", help="peak learning rate of run 1")
+    g.add_argument("--lr-end", type=number(float, low=0, high=1, low_open=True, high_open=True), default=5e-5,
+                   metavar="LR", help="peak learning rate of the last run")
+    g.add_argument("--no-validation", dest="validation", action="store_false", default=True,
+                   help="train on the whole pool: no 10%% held-out slice, no held-out losses, no eval gate or "
+                        "early stopping")
+    g.add_argument("--drift-threshold", type=float, default=None, metavar="T",
+                   help="drift gate: a run whose B has a cosine similarity below T with the accumulator's is "
+                        "kept as a branch and not merged (default: off; the similarity is recorded anyway)")
+    g.add_argument("--eval-gate-margin", type=float, default=None, metavar="M",
+                   help="eval gate: a merge that raises the held-out loss by more than M (nats) is rejected and "
+                        "the accumulator restored (default: off)")
+    g.add_argument("--patience", type=_nonneg(int), default=0, metavar="N",
+                   help="stop early after N runs without a better held-out loss of the accumulator (0: never)")
+    g.add_argument("--keep-best", type=_nonneg(int), default=3, metavar="N",
+                   help="retention: keep the run directories of the N runs with the best held-out loss")
+    g.add_argument("--keep-boundaries", action="store_true", default=False,
+                   help="retention: keep the last run on each --run-data dataset")
+    g.add_argument("--max-runs-kept", type=_nonneg(int), default=0, metavar="N",
+                   help="retention: keep at most N run directories (the newest always; 0: keep all)")
+
     g = t.add_argument_group("checkpoints and progress")
     g.add_argument("--save-steps", type=_nonneg(int), default=100, metavar="N",
                    help="checkpoint every N steps (0: only when stopped by a signal and at the end)")
@@ -284,6 +337,8 @@ def config_from_args(args) -> TrainConfig:
 def run(args, ctx):
     if args.command == "train":
         from .distributed import is_main
+        if args.runs or args.run_data or resumes_multi_run(args):
+            return run_multi(args, ctx)
         if args.launch:
             return launch(args, ctx)
         if not is_main():  # under a launcher only rank 0 prints a manifest or an error envelope on stdout
@@ -315,6 +370,42 @@ def run(args, ctx):
         cfg = reports.replay_config(where, args.run_id, args.overrides, to=args.to, force=args.force)
         return train(cfg, reporter=ctx.r)
     raise BpError("INPUT_USAGE", "no command given", hint="bp-train --help")
+
+
+def multi_run_config(args):
+    from .multirun import MultiRunConfig
+    return MultiRunConfig(
+        runs=args.runs, steps_per_run=args.steps_per_run, samples_per_run=args.samples_per_run,
+        run_data=list(args.run_data), merge=args.merge, lambda_schedule=args.lambda_schedule,
+        merge_lambda=args.merge_lambda, replay=args.replay, replay_fraction=args.replay_fraction,
+        lr_across=args.lr_across, lr_start=args.lr_start, lr_end=args.lr_end, validation=args.validation,
+        drift_threshold=args.drift_threshold, eval_gate_margin=args.eval_gate_margin, patience=args.patience,
+        keep_best=args.keep_best, keep_boundaries=args.keep_boundaries, max_runs_kept=args.max_runs_kept)
+
+
+def resumes_multi_run(args) -> bool:
+    """--resume on an output directory that holds an unfinished multi-run continues that multi-run."""
+    if not args.resume or not args.output:
+        return False
+    from .multirun import read_history
+    history = read_history(Path(args.output))
+    return history is not None and history.get("status") != "completed"
+
+
+def run_multi(args, ctx):
+    """--runs / --run-data: the multi-run (multirun.multi_run), refusing what it does not support."""
+    if args.launch:
+        raise BpError("INPUT_USAGE", "--launch cannot start a multi-run (it runs in one process)",
+                      hint="drop --launch, or train single runs under the launcher")
+    if args.lr != AUTO:
+        raise BpError("INPUT_USAGE", "--lr does not apply to a multi-run: each run's learning rate goes from "
+                      "--lr-start to --lr-end", hint="use --lr-start/--lr-end")
+    from .multirun import multi_run
+    m = multi_run(config_from_args(args), multi_run_config(args), reporter=ctx.r)
+    mr = m["multi_run"]
+    ctx.summary(f"adapter: {Path(m['root']) / m['adapter_dir']} (multi-run {m['run_id']}, {mr['runs']} runs, "
+                f"{mr['merge']} merge, held-out loss {m['heldout_loss'] if m['heldout_loss'] is not None else '-'})")
+    return m
 
 
 LAUNCH_FLAGS = {"--launch": 1, "--nproc-per-node": 1, "--nnodes": 1, "--node-rank": 1, "--master-addr": 1,

@@ -106,6 +106,7 @@ class TrainConfig:
     full_ft_ceiling: float | None = None    # --mode full: largest model in billions of parameters (None: by card)
     offload: bool = False              # --mode full: FSDP CPU offload (CUDA + NCCL)
     reasoning_trace: bool = False      # keep <think> spans; longer default --seq-len
+    init_adapter: str | None = None    # multi-run: adapter safetensors a fresh run starts from (no flag)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -186,6 +187,8 @@ class TrainConfig:
                 and self.batch_size < KTO_MIN_BATCH:
             bad(f"--method kto needs --batch-size {KTO_MIN_BATCH} or more (its KL estimate pairs each completion "
                 "with another prompt of the same micro-batch)")
+        if self.init_adapter is not None and (self.mode == "full" or self.method != "sft"):
+            bad("an initial adapter (multi-run) needs --method sft with --mode lora or qlora")
         if self.instruction_template and not self.response_template:
             bad("--instruction-template needs --response-template")
         if self.train_on_all and self.response_template:

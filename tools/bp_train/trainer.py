@@ -41,7 +41,7 @@ TOOL = "bp-train"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"        # --mode full: a plain Hugging Face model directory
 LATER_SETTINGS = ("beta", "gamma", "desirable_weight", "undesirable_weight", "full_ft_ceiling", "offload",
-                  "reasoning_trace")
+                  "reasoning_trace", "init_adapter")
 REFERENCED = ("kto", "dpo")  # methods with a reference: the base with the adapter disabled
 # Settings that do not change what is trained: left out of the fingerprint, and free to change on resume.
 OPERATIONAL = ("output", "resume", "force", "save_steps", "keep_checkpoints", "eval_steps", "log_steps",
@@ -525,6 +525,8 @@ def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: 
         model = base  # TRL's KTO/DPO trainer attaches the adapter; its reference is this base, adapter disabled
     else:
         model = attach_adapter(base, hp, init_dir)
+        if cfg.init_adapter:
+            load_initial_weights(model, Path(cfg.init_adapter))
     if hp.mode != "full" and hp.method not in REFERENCED:
         trainable, total = count_parameters(model)
         state.reporter.info(f"{hp.mode} r={hp.lora_r} alpha={hp.lora_alpha:g} targets={hp.targets}: "
@@ -574,6 +576,24 @@ def run_training(cfg: TrainConfig, hp, model_dir: Path, tok, enc, held, device: 
     peak_gpu = int(torch.cuda.max_memory_allocated()) if device.kind == "cuda" else None
     return Trained(model, trainer, steps, loss, init_dir, peak_rss=peak_rss_bytes(), peak_gpu=peak_gpu,
                    preference=pref)
+
+
+def load_initial_weights(model, path: Path) -> None:
+    """Start the fresh adapter from saved weights (a multi-run's run i >= 2); a checkpoint loaded when
+    resuming replaces them. Every adapter tensor must be there and fit."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    try:
+        tensors = load_file(str(path))
+    except (OSError, Exception) as exc:
+        raise BpError("STATE_CHECKPOINT_INVALID", f"cannot read the initial adapter {path}: {exc}") from None
+    expected = get_peft_model_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    if missing or any(tuple(tensors[k].shape) != tuple(v.shape) for k, v in expected.items() if k in tensors):
+        raise BpError("STATE_CHECKPOINT_INVALID", f"the initial adapter {path} does not fit this adapter "
+                      f"({len(missing)} tensors missing or of another shape)",
+                      hint="start the multi-run over with --force")
+    set_peft_model_state_dict(model, tensors)
 
 
 def common_args(hp, state: RunState, device: DeviceFacts) -> dict:
