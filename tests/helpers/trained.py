@@ -15,12 +15,12 @@ import random
 import shutil
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from helpers.training import CHATS
 
 
 def _texts() -> list[str]:
     rows = []
-    for f in sorted((ROOT / "examples").glob("chat-*.jsonl")):
+    for f in sorted(CHATS):
         rows += [json.dumps(json.loads(line), ensure_ascii=False) for line in f.read_text().splitlines() if line.strip()]
     return rows
 

@@ -251,24 +251,27 @@ def load_tensors(adapter_dir: Path) -> dict:
     return load_file(str(path))
 
 
+def _save_weights(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
 def save_adapter_like(template: Path, tensors: dict, dest: Path) -> None:
     """A loadable PEFT directory at dest: template's config and tokenizer files with these weights."""
-    from safetensors.torch import save_file
     with atomic_dir(dest, replace=True) as tmp:
         for p in sorted(Path(template).iterdir()):
             if p.is_file() and p.name != WEIGHTS:
                 shutil.copy2(p, tmp / p.name)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _save_weights(tensors, tmp / WEIGHTS)
 
 
 def save_init(tensors: dict, run_dir: Path) -> Path:
     """The run's initial weights (written once; a resumed run starts from the same file)."""
-    from safetensors.torch import save_file
     final = run_dir / INIT / WEIGHTS
     if final.is_file():
         return final
     with atomic_dir(run_dir / INIT, replace=True) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        _save_weights(tensors, tmp / WEIGHTS)
     return final
 
 
@@ -387,17 +390,21 @@ def _pools(cfg: TrainConfig, mr: MultiRunConfig, out: Path, r: Reporter) -> list
     return pools
 
 
-def _fingerprint(cfg: TrainConfig, mr: MultiRunConfig, pools: list[Pool]) -> str:
+def _train_settings(cfg: TrainConfig) -> dict:
+    """The training settings that change what is trained (no dataset: a multi-run has its own)."""
     from .trainer import OPERATIONAL as TRAIN_OPERATIONAL
-    settings = {k: v for k, v in cfg.as_dict().items() if k not in TRAIN_OPERATIONAL and k != "data"}
+    return {k: v for k, v in cfg.as_dict().items() if k not in TRAIN_OPERATIONAL and k != "data"}
+
+
+def _fingerprint(cfg: TrainConfig, mr: MultiRunConfig, pools: list[Pool]) -> str:
+    settings = _train_settings(cfg)
     multi = {k: v for k, v in mr.as_dict().items() if k not in OPERATIONAL and k != "run_data"}
     return fingerprint(TOOL, "multi-run", [p.manifest.get("id") for p in pools], settings, multi)
 
 
 def _settings_key(cfg: TrainConfig, mr: MultiRunConfig) -> str:
     """The settings of a multi-run without its datasets and number of runs (what an extension keeps)."""
-    from .trainer import OPERATIONAL as TRAIN_OPERATIONAL
-    settings = {k: v for k, v in cfg.as_dict().items() if k not in TRAIN_OPERATIONAL and k != "data"}
+    settings = _train_settings(cfg)
     multi = {k: v for k, v in mr.as_dict().items() if k not in OPERATIONAL + ("run_data", "runs")}
     return fingerprint(TOOL, "multi-run settings", settings, multi)
 

@@ -585,7 +585,7 @@ def load_initial_weights(model, path: Path) -> None:
     from safetensors.torch import load_file
     try:
         tensors = load_file(str(path))
-    except (OSError, Exception) as exc:
+    except Exception as exc:  # OSError, or safetensors' own errors for a damaged file
         raise BpError("STATE_CHECKPOINT_INVALID", f"cannot read the initial adapter {path}: {exc}") from None
     expected = get_peft_model_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
