@@ -3,6 +3,7 @@ adapters, errors, re-runs and the pipeline into bp-ollama. Each GGUF written is 
 llama-cpp-python (the tool's own verification) and the numbers it reports are asserted here."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,8 +58,8 @@ def test_each_family_reproduces_transformers(family, family_exports):
     # depending on the family and the training length); the floor leaves room for other CPUs' kernels.
     assert q8["top1"] >= 0.95 and q8["greedy_match"], q8
     assert files["q8_0"]["bits_per_weight"] < files["f16"]["bits_per_weight"] < files["f32"]["bits_per_weight"]
-    for f in m["files"]:
-        assert (Path(m["root"]) / f["path"]).is_file()
+    for f in m["files"]:  # the sha256 the converter computed while writing is the file's
+        assert hashlib.sha256((Path(m["root"]) / f["path"]).read_bytes()).hexdigest() == f["sha256"]
     assert (Path(m["root"]) / "README.md").read_text().count("| `") == 3
 
 
@@ -333,3 +334,76 @@ def test_a_conversion_bug_is_caught_by_verification_and_nothing_is_published(tin
     assert rc == 65 and env["code"] == "EXPORT_VERIFY_FAILED", env
     assert "top-1" in env["message"] or "logit" in env["message"]
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def _f16_cases() -> np.ndarray:
+    """float32 values that test a float16 cast: ordinary, tiny (subnormal), large (overflow), signed
+    zeros, and exact ties between two neighbouring float16 values (rounded to even)."""
+    rng = np.random.default_rng(0)
+    halves = rng.integers(0, 0x7bff, 1 << 14).astype(np.uint16).view(np.float16).astype(np.float32)
+    above = np.nextafter(halves.astype(np.float16), np.float16(np.inf)).astype(np.float32)
+    ties = (halves + above) / 2
+    edges = np.array([0.0, -0.0, 65504, 65519, 65520, -65520, 1e6, 6e-8, 3e-8, 2.98e-8, -1e-10, 6.1e-5, 6.09e-5],
+                     np.float32)
+    return np.concatenate([rng.standard_normal(1 << 16).astype(np.float32), edges, ties, -ties,
+                           (rng.standard_normal(1 << 12) * 1e-5).astype(np.float32),
+                           (rng.standard_normal(1 << 12) * 3e4).astype(np.float32)])
+
+
+def test_fp16_kernel_rounds_bit_for_bit_like_numpy():
+    """bp-gguf casts to float16 with llama.cpp's vectorised kernel: the bits must be numpy's."""
+    from bp_common.llamacpp import fp16_kernel
+    kernel = fp16_kernel()
+    assert kernel is not None  # scripts/bootstrap installs llama-cpp-python
+    x = _f16_cases()
+    out = np.empty(x.shape, np.float16)
+    kernel(x, out)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    assert np.array_equal(out.view(np.uint16), want.view(np.uint16))
+    with pytest.raises(ValueError):
+        kernel(x[::2], out[: x[::2].size])  # not contiguous: refused, never read out of bounds
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0", "bf16"])
+def test_encode_in_threads_and_without_the_kernel_gives_the_same_bytes(quant, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    from bp_gguf import convert
+    from gguf.quants import quantize
+    qtype = convert.ggml_type(quant)
+    x = np.resize(_f16_cases()[: 1 << 16], (512, 4096)).clip(-6e4, 6e4)  # above PARALLEL_MIN
+    with ThreadPoolExecutor(3) as pool:
+        threaded, finite = convert._encode(x, qtype, pool, 3)
+    assert finite
+    monkeypatch.setattr(convert, "fp16_kernel", lambda: None)
+    single, _ = convert._encode(x, qtype)
+    assert threaded.tobytes() == single.tobytes() == np.asarray(quantize(x, qtype)).tobytes()
+    bad = x.copy()
+    bad[300, 7] = np.inf
+    with np.errstate(all="ignore"):
+        assert not convert._encode(bad, qtype)[1]
+
+
+def test_a_failed_write_in_the_writer_thread_is_raised(tmp_path):
+    """The GGUF's data is written from a background thread: a full disk there must surface."""
+    from bp_gguf.convert import _Sink
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUF")
+
+    class Full:
+        def write(self, b):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def tell(self):
+            return 4
+
+    sink = _Sink(Full(), path, 32)
+    with pytest.raises(OSError, match="No space"):
+        try:
+            for _ in range(8):
+                sink.write(np.zeros(1 << 16, np.float32))
+        finally:
+            sink.close()

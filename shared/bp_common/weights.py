@@ -1,15 +1,16 @@
 """Model weights on disk, read one tensor (or one block of rows) at a time, without torch.
 
-Safetensors files are memory-mapped; only the rows asked for are copied, then the kernel is told
-to drop those pages from this process, so resident memory stays near one block however large the
-model is. Headers are checked against the file size, so a truncated download is an error
+Safetensors files are read with positioned reads (preadv) straight into the array returned: only
+the rows asked for are read, one copy from the page cache and no memory map whose pages would
+count as this process's memory, so resident memory stays near one block however large the model
+is. Headers are checked against the file size, so a truncated download is an error
 (EXPORT_WEIGHTS_INVALID), never silently short weights. Pickle checkpoints are read only when the
 caller allows it (weights_only, memory-mapped). Used by bp-merge and bp-gguf.
 """
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,6 @@ DTYPES: dict[str, tuple[str, bool]] = {
 }
 # Float8 and friends mean the checkpoint is stored quantized: not a base we can merge into.
 QUANTIZED_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2")
-_PAGE = mmap.PAGESIZE
 HEADER_LIMIT = 100 << 20  # a header larger than this is corrupt, not a model
 
 
@@ -111,54 +111,52 @@ def _invalid(path: Path, why: str) -> BpError:
 
 
 class SafetensorsReader:
-    """Reads rows of tensors from one safetensors file through a read-only memory map."""
+    """Reads rows of tensors from one safetensors file with positioned reads."""
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.tensors, self.metadata = read_header(self.path)
-        self._fh = None
-        self._mm = None
-
-    def _map(self) -> mmap.mmap:
-        if self._mm is None:
-            self._fh = open(self.path, "rb")
-            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mm
+        self._fd: int | None = None
 
     def raw(self, name: str, row0: int = 0, row1: int | None = None) -> np.ndarray:
-        """A copy of rows [row0, row1) of a tensor, in its stored dtype (bf16 as uint16)."""
+        """A fresh array of rows [row0, row1) of a tensor, in its stored dtype (bf16 as uint16)."""
         info = self.tensors[name]
         row1 = info.rows if row1 is None else row1
         b = info.begin + row0 * info.row_bytes
         e = info.begin + row1 * info.row_bytes
-        mm = self._map()
-        try:
-            out = np.frombuffer(mm, dtype=DTYPES[info.dtype][0], count=(e - b) // itemsize(info.dtype),
-                                offset=b).copy()
-        except (ValueError, OSError) as exc:  # the file shrank under us
-            raise _invalid(self.path, f"cannot read tensor {name}: {exc}") from None
-        self._drop(b, e)
         shape = ((row1 - row0),) + info.shape[1:] if info.shape else ()
-        return out.reshape(shape)
+        out = np.empty(shape, dtype=DTYPES[info.dtype][0])
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < e - b:
+            try:
+                n = _pread_into(self._fd, view[done:], b + done)
+            except OSError as exc:
+                raise _invalid(self.path, f"cannot read tensor {name}: {exc}") from None
+            if n <= 0:  # the file shrank under us
+                raise _invalid(self.path, f"cannot read tensor {name}: the file ends at byte {b + done}")
+            done += n
+        return out
 
     def rows_f32(self, name: str, row0: int = 0, row1: int | None = None) -> np.ndarray:
         """Rows of a floating-point tensor as float32 (a fresh array the caller may modify)."""
         return to_f32(self.raw(name, row0, row1), self.tensors[name].dtype)
 
-    def _drop(self, b: int, e: int) -> None:
-        # Pages we copied from are clean file pages: dropping them frees our RSS, not the cache.
-        start = (b // _PAGE) * _PAGE
-        if hasattr(self._mm, "madvise") and e > start:
-            try:
-                self._mm.madvise(mmap.MADV_DONTNEED, start, e - start)
-            except (OSError, ValueError):
-                pass
-
     def close(self) -> None:
-        if self._mm is not None:
-            self._mm.close()
-            self._fh.close()
-            self._mm = self._fh = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int) -> int:
+    """Read into buf at a file offset; the number of bytes read (0 at end of file)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf], offset)
+    data = os.pread(fd, len(buf), offset)  # platforms without preadv: one extra copy
+    buf[:len(data)] = data
+    return len(data)
 
 
 class PickleReader:

@@ -2,9 +2,13 @@
 
 Every tensor's name, shape and type is known before a byte of data is read, so the file is laid
 out as header, metadata and tensor table first, then each tensor's data in order, read, transformed
-and quantized a block of rows at a time: peak memory is about one block, never the model.
-Types written here in numpy: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (rows split across
-threads); k-quants are made from a 16-bit file by llama.cpp's own quantizer (quantize.py).
+and quantized a block of rows at a time: peak memory is a few blocks, never the model. Two
+background threads write the converted blocks and hash them (the manifest's sha256), while the
+next block is read and converted, so the file is written once and never read back.
+Types written here: f32, f16 (llama.cpp's vectorised cast when llama-cpp-python is installed,
+numpy's otherwise: the same bits), bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (gguf-py's numpy
+quantizers; rows split across threads); k-quants are made from a 16-bit file by llama.cpp's own
+quantizer (quantize.py).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bp_common.errors import BpError
+from bp_common.llamacpp import fp16_kernel
 from bp_common.weights import QUANTIZED_DTYPES, open_reader, weight_files
 
 from .families import (SKIPPED_SUFFIXES, Family, Hparams, model_arch, permute_rows, qk_heads, tensor_name,
@@ -156,13 +161,104 @@ def plan_tensors(src: Source, family: Family, hp: Hparams, quant: str, extra: li
     return plan
 
 
-def _quantize(x: np.ndarray, qtype, threads: int) -> np.ndarray:
-    from gguf.quants import quantize
-    if x.ndim < 2 or x.size < PARALLEL_MIN or threads < 2:
-        return quantize(x, qtype)
-    parts = np.array_split(x, min(threads, x.shape[0]), axis=0)
-    with ThreadPoolExecutor(threads) as pool:
-        return np.concatenate(list(pool.map(lambda p: quantize(p, qtype), parts)), axis=0)
+def _encode(x: np.ndarray, qtype, pool: ThreadPoolExecutor | None = None, threads: int = 1) -> tuple[np.ndarray, bool]:
+    """(the bytes of float32 rows x in GGML type qtype, whether x is all finite). Rows are split
+    across threads (numpy's casts, checks and gguf's quantizers release the GIL); the parts are
+    written into one output array, never concatenated."""
+    import gguf
+    from gguf.quants import quant_shape_to_byte_shape, quantize
+    n = 1 if pool is None or x.ndim < 2 or x.size < PARALLEL_MIN else min(threads, x.shape[0])
+    edges = [x.shape[0] * i // n for i in range(n + 1)] if x.ndim else [0, 0]
+    bounds = list(zip(edges, edges[1:]))
+    fp16 = None
+    if qtype == gguf.GGMLQuantizationType.F32:
+        out = x
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        out = np.empty(x.shape, np.float16)
+        fp16 = fp16_kernel()
+    else:
+        out = np.empty(quant_shape_to_byte_shape(x.shape, qtype) if x.ndim else (), np.uint8)
+
+    def part(b: tuple[int, int]) -> bool:
+        a, z = b
+        chunk = x[a:z] if x.ndim else x
+        finite = bool(np.isfinite(chunk).all())
+        if out is x:
+            pass
+        elif out.dtype == np.float16:
+            if fp16 is not None:
+                fp16(chunk, out[a:z])
+            else:
+                out[a:z] = chunk  # numpy's cast, straight into the output
+        elif x.ndim:
+            out[a:z] = quantize(chunk, qtype)
+        else:
+            out[...] = quantize(chunk, qtype)
+        return finite
+
+    if len(bounds) == 1:
+        return out, part(bounds[0])
+    return out, all(list(pool.map(part, bounds)))
+
+
+class _Sink:
+    """Writes the tensor data of a GGUF and hashes every byte of the file, each in a background
+    thread of its own (file writes and hashlib release the GIL), so that writing and hashing overlap
+    each other and the reading and converting of the next block, and the file is never read back
+    for its sha256. An error in either thread is raised here."""
+
+    def __init__(self, fout, path: Path, alignment: int):
+        import hashlib
+        import queue
+        import threading
+        self.fout, self.alignment = fout, alignment
+        fout.flush()
+        self.pos = fout.tell()
+        self.hash = hashlib.sha256()
+        with open(path, "rb") as fh:  # header, metadata and tensor table, already written
+            self.hash.update(fh.read(self.pos))
+        self.error: BaseException | None = None
+        self.queues = [queue.Queue(maxsize=2), queue.Queue(maxsize=2)]
+        self.threads = [threading.Thread(target=self._run, args=(q, f), name=f"gguf-{n}", daemon=True)
+                        for q, f, n in zip(self.queues, (fout.write, self.hash.update), ("write", "hash"))]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, q, consume) -> None:
+        while True:
+            buf = q.get()
+            if buf is None:
+                return
+            if self.error is None:
+                try:
+                    consume(buf)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    self.error = exc
+
+    def write(self, data) -> None:
+        if self.error is not None:
+            raise self.error
+        if isinstance(data, np.ndarray):
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        buf = memoryview(data)
+        for q in self.queues:
+            q.put(buf)
+        self.pos += buf.nbytes
+
+    def pad(self) -> None:
+        n = -self.pos % self.alignment
+        if n:
+            self.write(bytes(n))
+
+    def close(self) -> str:
+        """Wait for every write; the file's sha256 (hex)."""
+        for q in self.queues:
+            q.put(None)
+        for t in self.threads:
+            t.join()
+        if self.error is not None:
+            raise self.error
+        return self.hash.hexdigest()
 
 
 def _blocks(t: Planned, src: Source, hp: Hparams):
@@ -180,9 +276,6 @@ def _blocks(t: Planned, src: Source, hp: Hparams):
         step = rows
     for r0 in range(0, rows, step):
         x = src.rows(t.hf_name, r0, min(rows, r0 + step)) if t.shape else src.rows(t.hf_name)
-        if not np.isfinite(x).all():
-            raise BpError("EXPORT_WEIGHTS_INVALID", f"tensor {t.hf_name} holds NaN or Inf values",
-                          hint="the model is damaged (a diverged run?): export an earlier checkpoint")
         if t.permute_heads:
             x = permute_rows(x, x.shape[0] // (rows // t.permute_heads))
         if t.norm_offset:
@@ -217,21 +310,32 @@ def write_gguf(path: Path, src: Source, family: Family, hp: Hparams, vocab: Voca
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         fout = w.fout[0]
-        for t in plan:
-            w.write_padding(fout, fout.tell())
-            written = 0
-            for x in _blocks(t, src, hp):
-                q = _quantize(np.ascontiguousarray(x), t.qtype, threads)
-                fout.write(q.tobytes())
-                written += q.nbytes
-            if written != t.nbytes:
-                raise BpError("EXPORT_FAILED", f"tensor {t.name}: wrote {written} bytes, planned {t.nbytes}")
-            w.write_padding(fout, t.nbytes)
-            if progress:
-                progress(t)
+        sink = _Sink(fout, path, w.data_alignment)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="gguf-convert") if threads > 1 else None
+        try:
+            for t in plan:
+                sink.pad()
+                written = 0
+                for x in _blocks(t, src, hp):
+                    q, finite = _encode(np.ascontiguousarray(x), t.qtype, pool, threads)
+                    if not finite:
+                        name = t.hf_name or t.name
+                        raise BpError("EXPORT_WEIGHTS_INVALID", f"tensor {name} holds NaN or Inf values",
+                                      hint="the model is damaged (a diverged run?): export an earlier checkpoint")
+                    sink.write(q)
+                    written += q.nbytes
+                if written != t.nbytes:
+                    raise BpError("EXPORT_FAILED", f"tensor {t.name}: wrote {written} bytes, planned {t.nbytes}")
+                sink.pad()
+                if progress:
+                    progress(t)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            sha256 = sink.close()
         fout.flush()
         os.fsync(fout.fileno())
     finally:
         w.close()
     return {"tensors": len(plan), "params": sum(t.numel for t in plan),
-            "fallbacks": [t.name for t in plan if t.fallback]}
+            "fallbacks": [t.name for t in plan if t.fallback], "sha256": sha256}

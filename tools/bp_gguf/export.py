@@ -286,7 +286,8 @@ def _report(r, f: dict) -> None:
 def _entry(path: Path, quant: str, stats: dict, work: Path) -> dict:
     size = path.stat().st_size
     params = stats.get("params") or _params_of(path)
-    return {"path": path.name, "quant": quant, "type": "model", "size": size, "sha256": sha256_file(path),
+    return {"path": path.name, "quant": quant, "type": "model", "size": size,
+            "sha256": stats.get("sha256") or sha256_file(path),  # the converter hashes as it writes
             "bits_per_weight": round(size * 8 / params, 2) if params else None, "params": params,
             "fallbacks": len(stats["fallbacks"]), "fallback_tensors": stats["fallbacks"][:50], "verify": None}
 
