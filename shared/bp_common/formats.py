@@ -757,20 +757,62 @@ def row_text(kind: str, data: dict) -> str:
     return "\n".join(m["content"] for m in parts)
 
 
+# Key text of a plain turn starts with its role and this separator (neither is whitespace).
+_ROLE_KEYS = {role: role + "\x01" for role in CANONICAL_ROLES}
+# One blake2b state per kind, copied per row: cheaper than passing digest_size and person each time.
+_KEY_HASHES = {kind: hashlib.blake2b(digest_size=16, person=kind.encode()) for kind in KINDS}
+
+
 def exact_key(kind: str, data: dict) -> bytes:
     """A stable 16-byte digest of a normalised row, whitespace runs collapsed (never Python's hash()).
 
     Rows that differ only in whitespace (runs of spaces, tabs, newlines; leading or trailing
     space in a turn) are duplicates; roles, words, case, tool calls and labels still count.
     """
+    key = None
     if kind == "text":
-        key = " ".join(data["text"].split())
-    elif kind == "sft" and len(data) == 1 and all(len(m) == 2 for m in data["messages"]):
-        # Plain turns (the common case): roles and text joined by separators that are not whitespace.
-        key = " ".join("\x00".join([m["role"] + "\x01" + m["content"].strip() for m in data["messages"]]).split())
-    else:
+        key = _collapse_ws(data["text"])
+    elif kind == "sft" and len(data) == 1:
+        key = _plain_turns_key(data["messages"])
+    if key is None:
         # Anything else (tool calls, tools, preference, KTO): canonical JSON, whitespace collapsed inside strings.
         raw = orjson.dumps(data).decode()
         raw = raw.replace("\\n", " ").replace("\\t", " ").replace("\\r", " ")
         key = " ".join(raw.split()).replace('":" ', '":"').replace(' ",', '",').replace(' "}', '"}').replace(' "]', '"]')
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16, person=kind.encode()).digest()
+    h = _KEY_HASHES.get(kind)
+    h = h.copy() if h is not None else hashlib.blake2b(digest_size=16, person=kind.encode())
+    h.update(key.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+def _collapse_ws(text: str) -> str:
+    """" ".join(text.split()), without splitting and joining text that has nothing to collapse.
+
+    str.isprintable() is False for every character str.split() treats as whitespace except " "
+    (they are all in Unicode categories Cc, Zs, Zl or Zp), so printable text needs collapsing
+    only when it has a double, leading or trailing space. Most turns have none of these.
+    """
+    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text
+    return " ".join(text.split())
+
+
+def _plain_turns_key(msgs: list) -> str | None:
+    """The key text of turns that hold only role and content, or None when some turn holds more.
+
+    Roles and turns are joined by separators that are not whitespace: the key is
+    " ".join("\x00".join(role + "\x01" + content.strip() ...).split()). Canonical roles hold no
+    whitespace, so that equals collapsing each content alone, and most contents need no collapsing.
+    """
+    parts = []
+    odd_roles = False
+    for m in msgs:
+        if len(m) != 2:
+            return None
+        prefix = _ROLE_KEYS.get(m["role"])
+        if prefix is None:  # a role outside the four (unnormalised input): collapse the whole key below
+            prefix, odd_roles = m["role"] + "\x01", True
+        parts.append(prefix + _collapse_ws(m["content"]))
+    key = "\x00".join(parts)
+    # Collapsing again is a no-op on collapsed contents; it only tidies whitespace in odd roles.
+    return " ".join(key.split()) if odd_roles else key
