@@ -1,6 +1,7 @@
 """bp-prep cleaning: exact and MinHash near-duplicates, filters, sampling, split, contamination, report gates."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import random
 
@@ -9,7 +10,7 @@ import orjson
 import pytest
 
 from bp_common import datareport, dedup
-from bp_common.dataprep import PrepOptions, analyse, split_rows
+from bp_common.dataprep import PrepOptions, analyse, gc_paused, split_rows
 from bp_common.errors import BpError
 from bp_common.formats import exact_key
 
@@ -162,6 +163,24 @@ def test_exact_key_digests_match_the_reference_on_ragged_rows():
     for kind, data in cases:
         assert outcome(exact_key, kind, data) == outcome(_exact_key_before, kind, data), (kind, data)
     assert sum(isinstance(outcome(exact_key, k, d), str) for k, d in cases) < len(cases) / 2
+
+
+def test_gc_paused_moves_what_it_built_to_the_oldest_generation():
+    assert gc.isenabled() and not gc.get_freeze_count()
+    with gc_paused():
+        assert not gc.isenabled()
+        built = [[i] for i in range(5000)]
+    assert gc.isenabled() and not gc.get_freeze_count()
+    young = {id(o) for o in gc.get_objects(generation=0)} | {id(o) for o in gc.get_objects(generation=1)}
+    assert not any(id(x) in young for x in built)
+    gc.freeze()  # a caller's frozen objects stay frozen
+    try:
+        frozen = gc.get_freeze_count()
+        with gc_paused():
+            built.append([])
+        assert gc.isenabled() and gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_near_duplicates_are_dropped_keeping_the_first(tmp_path):
