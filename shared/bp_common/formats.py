@@ -812,7 +812,11 @@ def _plain_turns_key(msgs: list) -> str | None:
         prefix = _ROLE_KEYS.get(m["role"])
         if prefix is None:  # a role outside the four (unnormalised input): collapse the whole key below
             prefix, odd_roles = m["role"] + "\x01", True
-        parts.append(prefix + _collapse_ws(m["content"]))
+        text = m["content"]
+        # _collapse_ws(text), inlined: this runs for every turn of every row.
+        if not text.isprintable() or "  " in text or text[:1] == " " or text[-1:] == " ":
+            text = " ".join(text.split())
+        parts.append(prefix + text)
     key = "\x00".join(parts)
     # Collapsing again is a no-op on collapsed contents; it only tidies whitespace in odd roles.
     return " ".join(key.split()) if odd_roles else key
