@@ -33,6 +33,7 @@ BAD_INPUTS = {
     "invalid_json_line": ("d.jsonl", lambda p: p.write_text('{"prompt": "q", "completion": "a"}\n{oops\n'),
                           "DATASET_PARSE_FAILED", "line 2"),
     "empty_file": ("d.jsonl", lambda p: p.write_text(""), "DATASET_EMPTY", "is empty"),
+    "blank_file": ("d.jsonl", lambda p: p.write_text(" \n\t\r\n\x0b\x0c\n"), "DATASET_EMPTY", "is empty"),
     "binary_file": ("d.jsonl", lambda p: p.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4),
                     "DATASET_ENCODING", "binary"),
     "utf16_file": ("d.jsonl", _utf16, "DATASET_ENCODING", "UTF-16"),

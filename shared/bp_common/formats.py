@@ -125,7 +125,8 @@ def open_source(spec: str, split: str = "train", stdin=None) -> Source:
 
 
 def _check_not_empty(src: Source) -> None:
-    if src.type != "parquet" and not (src.data or b"").strip():
+    # isspace() stops at the first other byte; strip() would copy the whole file to find out.
+    if src.type != "parquet" and (not src.data or src.data.isspace()):
         raise BpError("DATASET_EMPTY", f"{src.name} is empty", hint="check the file; an upstream step may have failed")
 
 
