@@ -37,6 +37,11 @@ BAD_INPUTS = {
     "binary_file": ("d.jsonl", lambda p: p.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 4),
                     "DATASET_ENCODING", "binary"),
     "utf16_file": ("d.jsonl", _utf16, "DATASET_ENCODING", "UTF-16"),
+    # All-ASCII bytes (UTF-16 without a byte-order mark, NUL bytes) still get the encoding checks.
+    "utf16_no_bom_file": ("d.jsonl", lambda p: p.write_text('{"prompt": "q", "completion": "a"}\n',
+                                                             encoding="utf-16-le"), "DATASET_ENCODING", "UTF-16"),
+    "ascii_binary_file": ("d.jsonl", lambda p: p.write_bytes(b'{"prompt": "q", "completion": "a"}\n\x00\x01\x02\n'),
+                          "DATASET_ENCODING", "binary"),
     "latin1_file": ("d.jsonl", _latin1, "DATASET_ENCODING", "line 1"),
     "csv_without_columns": ("d.csv", lambda p: p.write_text("question,answer\nq,a\n"), "DATASET_FORMAT_UNKNOWN",
                             "question, answer"),

@@ -132,14 +132,7 @@ def _check_not_empty(src: Source) -> None:
 
 def decode_text(data: bytes, name: str) -> str:
     """UTF-8 text of a file, or DATASET_ENCODING naming what it looks like instead (binary, UTF-16, Latin-1)."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) \
-            or _looks_utf16(data):
-        raise BpError("DATASET_ENCODING", f"{name} is UTF-16 text, not UTF-8",
-                      hint=f"re-encode it: iconv -f UTF-16 -t UTF-8 {name} > out", details={"file": name})
-    if b"\x00" in data[:65536]:
-        raise BpError("DATASET_ENCODING", f"{name} is a binary file, not text",
-                      hint="pass a .jsonl/.json/.csv/.txt file, or .parquet by its extension",
-                      details={"file": name})
+    _refuse_utf16_or_binary(data, name)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -148,6 +141,29 @@ def decode_text(data: bytes, name: str) -> str:
         raise BpError("DATASET_ENCODING", f"{name} is not UTF-8: byte 0x{byte:02x} at line {line} "
                       "(Latin-1 or Windows-1252?)", hint=f"re-encode it: iconv -f LATIN1 -t UTF-8 {name} > out",
                       details={"file": name, "line": line}) from None
+
+
+def check_text(data: bytes, name: str) -> None:
+    """decode_text's checks, for readers that parse the bytes themselves.
+
+    ASCII is valid UTF-8 and isascii() is a quick scan, so plain-ASCII files skip building
+    the whole file's text only to drop it; only the binary and UTF-16 checks apply to them.
+    """
+    if data.isascii():
+        _refuse_utf16_or_binary(data, name)
+    else:
+        decode_text(data, name)
+
+
+def _refuse_utf16_or_binary(data: bytes, name: str) -> None:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) \
+            or _looks_utf16(data):
+        raise BpError("DATASET_ENCODING", f"{name} is UTF-16 text, not UTF-8",
+                      hint=f"re-encode it: iconv -f UTF-16 -t UTF-8 {name} > out", details={"file": name})
+    if b"\x00" in data[:65536]:
+        raise BpError("DATASET_ENCODING", f"{name} is a binary file, not text",
+                      hint="pass a .jsonl/.json/.csv/.txt file, or .parquet by its extension",
+                      details={"file": name})
 
 
 def _looks_utf16(data: bytes) -> bool:
@@ -161,7 +177,7 @@ def _looks_utf16(data: bytes) -> bool:
 
 
 def _read_jsonl(src: Source) -> Iterator[tuple[int, object]]:
-    decode_text(src.data, src.name)  # one UTF-8 check for the whole file, with a line number on failure
+    check_text(src.data, src.name)  # one UTF-8 check for the whole file, with a line number on failure
     data = src.data[3:] if src.data.startswith(codecs.BOM_UTF8) else src.data
     loads = orjson.loads
     for n, line in enumerate(data.split(b"\n"), 1):
