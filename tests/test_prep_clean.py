@@ -1,6 +1,8 @@
 """bp-prep cleaning: exact and MinHash near-duplicates, filters, sampling, split, contamination, report gates."""
 from __future__ import annotations
 
+import gc
+import hashlib
 import random
 
 import numpy as np
@@ -8,8 +10,9 @@ import orjson
 import pytest
 
 from bp_common import datareport, dedup
-from bp_common.dataprep import PrepOptions, analyse, split_rows
+from bp_common.dataprep import PrepOptions, analyse, gc_paused, split_rows
 from bp_common.errors import BpError
+from bp_common.formats import exact_key
 
 WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
          "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
@@ -102,6 +105,82 @@ def test_exact_duplicates_ignore_whitespace_but_not_roles_or_words(tmp_path):
     prep = analyse([write(tmp_path, rows)], options=PrepOptions(dedup="exact"))
     assert [r.loc for r in prep.train] == [1, 3, 4]
     assert prep.duplicates["exact"] == 1 and prep.dropped == {"exact_duplicate": 1}
+
+
+def _exact_key_before(kind: str, data: dict) -> bytes:
+    """formats.exact_key as it was before its fast path (kept here as the reference it must match)."""
+    if kind == "text":
+        key = " ".join(data["text"].split())
+    elif kind == "sft" and len(data) == 1 and all(len(m) == 2 for m in data["messages"]):
+        key = " ".join("\x00".join([m["role"] + "\x01" + m["content"].strip() for m in data["messages"]]).split())
+    else:
+        raw = orjson.dumps(data).decode()
+        raw = raw.replace("\\n", " ").replace("\\t", " ").replace("\\r", " ")
+        key = " ".join(raw.split()).replace('":" ', '":"').replace(' ",', '",').replace(' "}', '"}').replace(' "]', '"]')
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16, person=kind.encode()).digest()
+
+
+# Every character str.split() treats as whitespace, and a few that look like it but are not.
+SPACES = [c for c in map(chr, range(0x110000)) if c.isspace()]
+PIECES = (["cat", "Meow", "ü", "猫", "🐈", "a.b", "\x00", "\x01", "\u200b", "\ufeff", "\ud800", "x\x7fy"]
+          + SPACES + [" ", " ", " ", "  ", "\n", "\t", "\r\n", " \n "])
+
+
+def _ragged(rng) -> str:
+    return "".join(rng.choice(PIECES) for _ in range(rng.choice([0, 1, 2, 3, 8, 30])))
+
+
+def test_only_the_ascii_space_is_both_whitespace_and_printable():
+    # exact_key skips collapsing printable text that has no double, leading or trailing " ".
+    assert [c for c in SPACES if c.isprintable()] == [" "]
+
+
+def test_exact_key_digests_match_the_reference_on_ragged_rows():
+    rng = random.Random(11)
+    roles = ["system", "user", "assistant", "tool", "User", " user", "user ", "my  role", "\tgpt\n", "", "\u3000"]
+    cases = []
+    for _ in range(3000):
+        turns = [{"role": rng.choice(roles[:4] if rng.random() < 0.7 else roles), "content": _ragged(rng)}
+                 for _ in range(rng.randint(1, 4))]
+        cases.append(("sft", {"messages": turns}))
+        cases.append(("text", {"text": _ragged(rng)}))
+        call = {"type": "function", "function": {"name": "get " + _ragged(rng), "arguments": {"q": _ragged(rng)}}}
+        cases.append(("sft", {"messages": turns + [{"role": "assistant", "content": "", "tool_calls": [call]}]}))
+        cases.append(("sft", {"messages": turns, "tools": [{"type": "function", "function": {"name": _ragged(rng)}}]}))
+        answer = [{"role": "assistant", "content": _ragged(rng)}]
+        cases.append(("preference", {"prompt": turns, "chosen": answer, "rejected": answer[::-1],
+                                     "messages": turns + answer}))
+        cases.append(("kto", {"prompt": turns, "completion": answer, "label": rng.random() < 0.5}))
+    cases += [("sft", {"messages": [{"role": "user", "content": c}, {"role": "assistant", "content": "x" + c + "y"}]})
+              for c in SPACES + ["", " a", "a ", "a  b", "a b", "a\u00a0b", "a\u3000b", "a\tb", "a\nb"]]
+    cases += [("text", {"text": t}) for t in ["", " ", "a", " a", "a ", "a  b", "a b", "a\u00a0b", "\u3000a"]]
+    def outcome(key_of, kind, data):  # the digest, or the error (orjson refuses lone surrogates in JSON)
+        try:
+            return key_of(kind, data)
+        except TypeError as exc:
+            return str(exc)
+
+    for kind, data in cases:
+        assert outcome(exact_key, kind, data) == outcome(_exact_key_before, kind, data), (kind, data)
+    assert sum(isinstance(outcome(exact_key, k, d), str) for k, d in cases) < len(cases) / 2
+
+
+def test_gc_paused_moves_what_it_built_to_the_oldest_generation():
+    assert gc.isenabled() and not gc.get_freeze_count()
+    with gc_paused():
+        assert not gc.isenabled()
+        built = [[i] for i in range(5000)]
+    assert gc.isenabled() and not gc.get_freeze_count()
+    young = {id(o) for o in gc.get_objects(generation=0)} | {id(o) for o in gc.get_objects(generation=1)}
+    assert not any(id(x) in young for x in built)
+    gc.freeze()  # a caller's frozen objects stay frozen
+    try:
+        frozen = gc.get_freeze_count()
+        with gc_paused():
+            built.append([])
+        assert gc.isenabled() and gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_near_duplicates_are_dropped_keeping_the_first(tmp_path):

@@ -218,6 +218,18 @@ def test_bad_rows_are_listed_with_line_numbers(tmp_path):
     assert next(c for c in prep.report["checks"] if c["name"] == "invalid_rate")["status"] == "warn"
 
 
+def test_an_invalid_rows_warnings_are_not_reported(tmp_path):
+    turn = lambda role, content: {"role": role, "content": content}  # noqa: E731
+    rows = [{"messages": [turn("user", "q"), turn("user", "q2"), turn("assistant", "<think>a")]},  # warns, then fails
+            {"messages": [turn("user", "q"), turn("assistant", "a"), turn("user", "q2")]},         # ends_with_user
+            FORMATS["openai"][0](1)]
+    spec, _ = write_rows(tmp_path, rows, "jsonl")
+    prep = run_analyse(spec, skip_invalid=True)
+    assert prep.dropped["invalid"] == 1 and len(prep.train) == 2
+    assert {k: v["count"] for k, v in prep.report["warnings"].items()} == {"ends_with_user": 1}
+    assert prep.report["warnings"]["ends_with_user"]["examples"] == [{"file": spec, "line": 2}]
+
+
 def test_max_errors_caps_the_list_not_the_count(tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join(['{"instruction": "x"}'] * 30) + "\n")
     with pytest.raises(BpError) as e:

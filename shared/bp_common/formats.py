@@ -125,20 +125,14 @@ def open_source(spec: str, split: str = "train", stdin=None) -> Source:
 
 
 def _check_not_empty(src: Source) -> None:
-    if src.type != "parquet" and not (src.data or b"").strip():
+    # isspace() stops at the first other byte; strip() would copy the whole file to find out.
+    if src.type != "parquet" and (not src.data or src.data.isspace()):
         raise BpError("DATASET_EMPTY", f"{src.name} is empty", hint="check the file; an upstream step may have failed")
 
 
 def decode_text(data: bytes, name: str) -> str:
     """UTF-8 text of a file, or DATASET_ENCODING naming what it looks like instead (binary, UTF-16, Latin-1)."""
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) \
-            or _looks_utf16(data):
-        raise BpError("DATASET_ENCODING", f"{name} is UTF-16 text, not UTF-8",
-                      hint=f"re-encode it: iconv -f UTF-16 -t UTF-8 {name} > out", details={"file": name})
-    if b"\x00" in data[:65536]:
-        raise BpError("DATASET_ENCODING", f"{name} is a binary file, not text",
-                      hint="pass a .jsonl/.json/.csv/.txt file, or .parquet by its extension",
-                      details={"file": name})
+    _refuse_utf16_or_binary(data, name)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -147,6 +141,29 @@ def decode_text(data: bytes, name: str) -> str:
         raise BpError("DATASET_ENCODING", f"{name} is not UTF-8: byte 0x{byte:02x} at line {line} "
                       "(Latin-1 or Windows-1252?)", hint=f"re-encode it: iconv -f LATIN1 -t UTF-8 {name} > out",
                       details={"file": name, "line": line}) from None
+
+
+def check_text(data: bytes, name: str) -> None:
+    """decode_text's checks, for readers that parse the bytes themselves.
+
+    ASCII is valid UTF-8 and isascii() is a quick scan, so plain-ASCII files skip building
+    the whole file's text only to drop it; only the binary and UTF-16 checks apply to them.
+    """
+    if data.isascii():
+        _refuse_utf16_or_binary(data, name)
+    else:
+        decode_text(data, name)
+
+
+def _refuse_utf16_or_binary(data: bytes, name: str) -> None:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE, codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) \
+            or _looks_utf16(data):
+        raise BpError("DATASET_ENCODING", f"{name} is UTF-16 text, not UTF-8",
+                      hint=f"re-encode it: iconv -f UTF-16 -t UTF-8 {name} > out", details={"file": name})
+    if b"\x00" in data[:65536]:
+        raise BpError("DATASET_ENCODING", f"{name} is a binary file, not text",
+                      hint="pass a .jsonl/.json/.csv/.txt file, or .parquet by its extension",
+                      details={"file": name})
 
 
 def _looks_utf16(data: bytes) -> bool:
@@ -160,7 +177,7 @@ def _looks_utf16(data: bytes) -> bool:
 
 
 def _read_jsonl(src: Source) -> Iterator[tuple[int, object]]:
-    decode_text(src.data, src.name)  # one UTF-8 check for the whole file, with a line number on failure
+    check_text(src.data, src.name)  # one UTF-8 check for the whole file, with a line number on failure
     data = src.data[3:] if src.data.startswith(codecs.BOM_UTF8) else src.data
     loads = orjson.loads
     for n, line in enumerate(data.split(b"\n"), 1):
@@ -757,20 +774,66 @@ def row_text(kind: str, data: dict) -> str:
     return "\n".join(m["content"] for m in parts)
 
 
+# Key text of a plain turn starts with its role and this separator (neither is whitespace).
+_ROLE_KEYS = {role: role + "\x01" for role in CANONICAL_ROLES}
+# One blake2b state per kind, copied per row: cheaper than passing digest_size and person each time.
+_KEY_HASHES = {kind: hashlib.blake2b(digest_size=16, person=kind.encode()) for kind in KINDS}
+
+
 def exact_key(kind: str, data: dict) -> bytes:
     """A stable 16-byte digest of a normalised row, whitespace runs collapsed (never Python's hash()).
 
     Rows that differ only in whitespace (runs of spaces, tabs, newlines; leading or trailing
     space in a turn) are duplicates; roles, words, case, tool calls and labels still count.
     """
+    key = None
     if kind == "text":
-        key = " ".join(data["text"].split())
-    elif kind == "sft" and len(data) == 1 and all(len(m) == 2 for m in data["messages"]):
-        # Plain turns (the common case): roles and text joined by separators that are not whitespace.
-        key = " ".join("\x00".join([m["role"] + "\x01" + m["content"].strip() for m in data["messages"]]).split())
-    else:
+        key = _collapse_ws(data["text"])
+    elif kind == "sft" and len(data) == 1:
+        key = _plain_turns_key(data["messages"])
+    if key is None:
         # Anything else (tool calls, tools, preference, KTO): canonical JSON, whitespace collapsed inside strings.
         raw = orjson.dumps(data).decode()
         raw = raw.replace("\\n", " ").replace("\\t", " ").replace("\\r", " ")
         key = " ".join(raw.split()).replace('":" ', '":"').replace(' ",', '",').replace(' "}', '"}').replace(' "]', '"]')
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16, person=kind.encode()).digest()
+    h = _KEY_HASHES.get(kind)
+    h = h.copy() if h is not None else hashlib.blake2b(digest_size=16, person=kind.encode())
+    h.update(key.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+def _collapse_ws(text: str) -> str:
+    """" ".join(text.split()), without splitting and joining text that has nothing to collapse.
+
+    str.isprintable() is False for every character str.split() treats as whitespace except " "
+    (they are all in Unicode categories Cc, Zs, Zl or Zp), so printable text needs collapsing
+    only when it has a double, leading or trailing space. Most turns have none of these.
+    """
+    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text
+    return " ".join(text.split())
+
+
+def _plain_turns_key(msgs: list) -> str | None:
+    """The key text of turns that hold only role and content, or None when some turn holds more.
+
+    Roles and turns are joined by separators that are not whitespace: the key is
+    " ".join("\x00".join(role + "\x01" + content.strip() ...).split()). Canonical roles hold no
+    whitespace, so that equals collapsing each content alone, and most contents need no collapsing.
+    """
+    parts = []
+    odd_roles = False
+    for m in msgs:
+        if len(m) != 2:
+            return None
+        prefix = _ROLE_KEYS.get(m["role"])
+        if prefix is None:  # a role outside the four (unnormalised input): collapse the whole key below
+            prefix, odd_roles = m["role"] + "\x01", True
+        text = m["content"]
+        # _collapse_ws(text), inlined: this runs for every turn of every row.
+        if not text.isprintable() or "  " in text or text[:1] == " " or text[-1:] == " ":
+            text = " ".join(text.split())
+        parts.append(prefix + text)
+    key = "\x00".join(parts)
+    # Collapsing again is a no-op on collapsed contents; it only tidies whitespace in odd roles.
+    return " ".join(key.split()) if odd_roles else key
