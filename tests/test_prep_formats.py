@@ -185,6 +185,8 @@ BAD_ROWS = [
     (b'{"messages": []}', "empty_messages"),
     (b'{"messages": "hello"}', "invalid_type"),
     (b'{"messages": [{"role": "user", "content": 5}]}', "invalid_type"),
+    (b'{"messages": [{"role": ["user"], "content": "x"}]}', "invalid_type"),
+    (b'{"conversations": [{"from": {"h": 1}, "value": "x"}]}', "invalid_type"),
     (b'{"instruction": "x"}', "missing_field"),
     (b'{"prompt": "p", "chosen": "c"}', "missing_field"),
     (b'{"prompt": "p", "completion": "c", "label": 1.0}', "invalid_label"),

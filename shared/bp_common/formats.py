@@ -640,7 +640,7 @@ def messages_of(items, field_name: str, warnings: list[str]) -> list[dict]:
     # Fast path: turns already in the normalised shape are kept as they are (no copies).
     for item in items:
         if not (type(item) is dict and len(item) == 2 and type(item.get("content")) is str
-                and item.get("role") in CANONICAL_ROLES):
+                and type(item.get("role")) is str and item["role"] in CANONICAL_ROLES):
             break
     else:
         return items
@@ -649,13 +649,13 @@ def messages_of(items, field_name: str, warnings: list[str]) -> list[dict]:
         if type(item) is dict and len(item) == 2:
             # Fast path: the common {"role": ..., "content": "..."} turn.
             role, content = item.get("role"), item.get("content")
-            if role is not None and type(content) is str:
+            if type(role) is str and type(content) is str:  # a list or object role is _message's error
                 mapped = ROLES.get(role)
                 if mapped is not None:
                     out.append({"role": mapped, "content": content})
                     continue
             role, content = item.get("from"), item.get("value")
-            if role is not None and type(content) is str:
+            if type(role) is str and type(content) is str:  # a list or object role is _message's error
                 mapped = ROLES.get(role)
                 if mapped is not None:
                     out.append({"role": mapped, "content": content})
