@@ -84,7 +84,8 @@ def run(args, ctx):
     for f in manifest["files"]:
         v = f.get("verify")
         check = ("not verified" if not v else ("verified" if v["ok"] else "REJECTED")
-                 + f", max |Δlogit| {v['max_abs_diff']:.2g}, top-1 {v['top1']:.0%}")
+                 + f", max |Δlogit| {v['max_abs_diff']:.2g}, top-1 {v['top1']:.0%}"
+                 + (f", KLD {v['kld_mean']:.2g}" if "kld_mean" in v else ""))
         ctx.summary(f"{f.get('rejected') or f['path']}: {f['quant']}, "
                     + (f"{f['size'] / 2**20:.1f} MiB, " if f.get("size") else "") + check)
     return manifest, code

@@ -278,7 +278,7 @@ def _stored_bf16(src: Source) -> bool:
 def _report(r, f: dict) -> None:
     v = f["verify"]
     r.event("verify", file=f["path"], ok=v["ok"], max_abs_diff=v["max_abs_diff"], rel_diff=v["rel_diff"],
-            top1=v["top1"], tokenization_ok=v["tokenization_ok"], greedy_match=v["greedy_match"])
+            top1=v["top1"], kld_mean=v.get("kld_mean"), tokenization_ok=v["tokenization_ok"], greedy_match=v["greedy_match"])
     if not v["ok"]:
         r.warn(f"{f['path']} failed verification: {'; '.join(v['reasons'])}")
 
@@ -356,7 +356,8 @@ def card_sections(fields: dict) -> list[tuple[str, str]]:
             check = "not run"
         else:
             check = (("passed" if v["ok"] else "FAILED: " + "; ".join(v["reasons"]))
-                     + f" (max \\|Δlogit\\| {v['max_abs_diff']:.2g}, top-1 {v['top1']:.0%}, tokens "
+                     + f" (max \\|Δlogit\\| {v['max_abs_diff']:.2g}, top-1 {v['top1']:.0%}, "
+                     + (f"KLD {v['kld_mean']:.2g}, " if "kld_mean" in v else "") + "tokens "
                      + ("identical" if v["tokenization_ok"] else "differ") + ")")
         size = f"{f['size'] / 2**20:.1f} MiB" if f.get("size") else "-"
         rows.append(f"| `{f.get('rejected') or f['path']}` | {f['quant']}{' (LoRA)' if f.get('type') == 'adapter' else ''}"

@@ -3,7 +3,10 @@
 1. Tokenization: probe strings (and a chat-rendered conversation) tokenized by llama.cpp must give
    exactly the Hugging Face tokenizer's ids.
 2. Logits: the probe's logits at every position, llama.cpp with an f32 KV cache against transformers
-   in float32: max |Δ|, the same relative to the largest logit, and top-1 agreement.
+   in float32: max |Δ|, the same relative to the largest logit, top-1 agreement, and the KL
+   divergence of the file's next-token distribution from the original's (mean and worst position,
+   as llama.cpp's perplexity --kl-divergence reports it: unlike top-1 it does not jump when a
+   near-tie flips, so it ranks quantisations smoothly).
 3. Greedy text: a short greedy continuation from both (reported, not gated).
 
 Thresholds depend on the type. A failure is EXPORT_VERIFY_FAILED for that file.
@@ -94,8 +97,10 @@ def compare(ref: Reference, gguf_path: Path, quant: str, lora: Path | None = Non
     diff = np.abs(got - logits_ref)
     scale = float(np.abs(logits_ref).max()) or 1.0
     top1 = float((got.argmax(-1) == logits_ref.argmax(-1)).mean())
+    kld = kl_divergence(logits_ref, got)
     rec = {"ok": True, "quant": quant, "positions": len(ref.probe), "max_abs_diff": float(diff.max()),
-           "rel_diff": float(diff.max()) / scale, "top1": top1, "greedy_match": None if greedy is None else greedy == ref.greedy,
+           "rel_diff": float(diff.max()) / scale, "top1": top1, "kld_mean": float(kld.mean()),
+           "kld_max": float(kld.max()), "greedy_match": None if greedy is None else greedy == ref.greedy,
            "tokenization_ok": not mismatched and specials_ok, "specials_ok": specials_ok, "probe_strings": len(ref.texts), "kv_cache": "f32", "reasons": []}
     if not specials_ok:
         rec["reasons"].append("BOS/EOS are not added as the Hugging Face tokenizer adds them")
@@ -115,6 +120,16 @@ def compare(ref: Reference, gguf_path: Path, quant: str, lora: Path | None = Non
             rec["reasons"].append(f"top-1 agreement {top1:.0%} < {limit:.0%}")
     rec["ok"] = not rec["reasons"]
     return rec
+
+
+def kl_divergence(ref_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(P_ref || P) in nats at each position (rows of logits), computed in float64."""
+    def log_softmax(x):
+        x = np.asarray(x, np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lp, lq = log_softmax(ref_logits), log_softmax(logits)
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(-1), 0.0)  # >= 0; rounding can give -1e-17
 
 
 def adapter_reference_logits(ref: Reference, adapter_dir: Path, allow_pickle: bool) -> np.ndarray:
