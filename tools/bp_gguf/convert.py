@@ -176,25 +176,17 @@ def _encode(x: np.ndarray, qtype, pool: ThreadPoolExecutor | None = None, thread
     elif qtype == gguf.GGMLQuantizationType.F16:
         out = np.empty(x.shape, np.float16)
         fp16 = fp16_kernel()
-    else:
-        out = np.empty(quant_shape_to_byte_shape(x.shape, qtype) if x.ndim else (), np.uint8)
+    else:  # quantized types: choose_type gives them only to 2-D tensors
+        out = np.empty(quant_shape_to_byte_shape(x.shape, qtype), np.uint8)
 
     def part(b: tuple[int, int]) -> bool:
         a, z = b
         chunk = x[a:z] if x.ndim else x
-        finite = bool(np.isfinite(chunk).all())
-        if out is x:
-            pass
-        elif out.dtype == np.float16:
-            if fp16 is not None:
-                fp16(chunk, out[a:z])
-            else:
-                out[a:z] = chunk  # numpy's cast, straight into the output
-        elif x.ndim:
-            out[a:z] = quantize(chunk, qtype)
-        else:
-            out[...] = quantize(chunk, qtype)
-        return finite
+        if fp16 is not None:
+            fp16(chunk, out[a:z])
+        elif out is not x:
+            out[a:z] = quantize(chunk, qtype) if out.dtype == np.uint8 else chunk  # numpy's cast into out
+        return bool(np.isfinite(chunk).all())
 
     if len(bounds) == 1:
         return out, part(bounds[0])
