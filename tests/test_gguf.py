@@ -396,29 +396,80 @@ def test_encode_in_threads_and_without_the_kernel_gives_the_same_bytes(quant, mo
         assert not convert._encode(bad, qtype)[1]
 
 
-def test_a_failed_write_in_the_writer_thread_is_raised(tmp_path):
+def test_a_failed_write_in_the_writer_thread_is_raised(tmp_path, monkeypatch):
     """The GGUF's data is written from a background thread: a full disk there must surface."""
-    from bp_gguf.convert import _Sink
+    from bp_gguf import convert
     path = tmp_path / "x.gguf"
     path.write_bytes(b"GGUF")
 
-    class Full:
-        def write(self, b):
-            raise OSError(28, "No space left on device")
+    def full(fd, buf, offset):
+        raise OSError(28, "No space left on device")
 
-        def flush(self):
-            pass
-
-        def tell(self):
-            return 4
-
-    sink = _Sink(Full(), path, 32)
+    monkeypatch.setattr(convert, "_pwrite", full)
+    monkeypatch.setattr(convert, "STAGE_BYTES", 1 << 16)
+    sink = convert._Sink(path, 4, 32)
     with pytest.raises(OSError, match="No space"):
         try:
             for _ in range(8):
                 sink.write(np.zeros(1 << 16, np.float32))
         finally:
             sink.close()
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_the_sink_writes_and_hashes_every_byte_across_stages(tmp_path, monkeypatch, durable):
+    """Staged writes (O_DIRECT where the file system allows it, whole aligned blocks, the end cut
+    off) give the bytes asked for, after a header of any length, and their sha256; buffers are
+    reused, never more than STAGES of them."""
+    from bp_gguf import convert
+    monkeypatch.setattr(convert, "STAGE_BYTES", 3 * convert.ALIGN)
+    rng = np.random.default_rng(0)
+    header = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()  # ends mid-block
+    path = tmp_path / "x.gguf"
+    path.write_bytes(header)
+    sink = convert._Sink(path, len(header), 32, durable)
+    want = [header]
+    for n in (1, 31, 4096, 12288, 12289, 70001, 3):
+        chunk = rng.integers(0, 256, n, dtype=np.uint8)
+        sink.write(chunk if n % 2 else chunk.tobytes())
+        want.append(chunk.tobytes())
+        sink.pad()
+        want.append(bytes(-sum(map(len, want)) % 32))
+    digest = sink.close()
+    data = b"".join(want)
+    assert path.read_bytes() == data
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert sink.made <= convert.STAGES
+
+
+def test_the_sink_falls_back_to_the_page_cache_when_direct_writes_are_refused(tmp_path, monkeypatch):
+    """Some file systems open with O_DIRECT and then refuse the writes (EINVAL): the sink reopens
+    the file without it and carries on."""
+    import errno
+    import fcntl
+    from bp_gguf import convert
+    real = convert._pwrite
+    refused = []
+
+    def picky(fd, buf, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buf, offset)
+
+    monkeypatch.setattr(convert, "_pwrite", picky)
+    monkeypatch.setattr(convert, "STAGE_BYTES", 2 * convert.ALIGN)
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUF")
+    sink = convert._Sink(path, 4, 32)
+    opened_direct = sink.direct
+    data = (np.arange(30000) % 251).astype(np.uint8)
+    sink.write(data)
+    digest = sink.close()
+    assert path.read_bytes() == b"GGUF" + data.tobytes()
+    assert digest == hashlib.sha256(b"GGUF" + data.tobytes()).hexdigest()
+    assert not sink.direct
+    assert bool(refused) == opened_direct
 
 
 def test_kl_divergence_is_zero_for_the_same_distribution_and_exact_for_two_tokens():

@@ -106,6 +106,17 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return tensors, meta
 
 
+def scratch_array(scratch: dict, role: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised array of shape and dtype on scratch's one buffer for `role`, grown when too
+    small: a loop that is done with each block before the next touches its memory once."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = scratch.get(role)
+    if buf is None or buf.nbytes < n:
+        buf = scratch[role] = np.empty(max(n, 1), np.uint8)
+    return buf[:n].view(dtype).reshape(shape)
+
+
 def _invalid(path: Path, why: str) -> BpError:
     return BpError("EXPORT_WEIGHTS_INVALID", f"{path}: {why}", details={"file": str(path)})
 
@@ -118,14 +129,17 @@ class SafetensorsReader:
         self.tensors, self.metadata = read_header(self.path)
         self._fd: int | None = None
 
-    def raw(self, name: str, row0: int = 0, row1: int | None = None) -> np.ndarray:
-        """A fresh array of rows [row0, row1) of a tensor, in its stored dtype (bf16 as uint16)."""
+    def raw(self, name: str, row0: int = 0, row1: int | None = None, scratch: dict | None = None) -> np.ndarray:
+        """A fresh array of rows [row0, row1) of a tensor, in its stored dtype (bf16 as uint16).
+        scratch: read into scratch_array(scratch, "read", ...) instead, for a caller that is done
+        with one block before it asks for the next (touching fresh memory costs more than the read)."""
         info = self.tensors[name]
         row1 = info.rows if row1 is None else row1
         b = info.begin + row0 * info.row_bytes
         e = info.begin + row1 * info.row_bytes
         shape = ((row1 - row0),) + info.shape[1:] if info.shape else ()
-        out = np.empty(shape, dtype=DTYPES[info.dtype][0])
+        dtype = DTYPES[info.dtype][0]
+        out = np.empty(shape, dtype=dtype) if scratch is None else scratch_array(scratch, "read", shape, dtype)
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         view = memoryview(out.reshape(-1).view(np.uint8))
@@ -140,9 +154,10 @@ class SafetensorsReader:
             done += n
         return out
 
-    def rows_f32(self, name: str, row0: int = 0, row1: int | None = None) -> np.ndarray:
-        """Rows of a floating-point tensor as float32 (a fresh array the caller may modify)."""
-        return to_f32(self.raw(name, row0, row1), self.tensors[name].dtype)
+    def rows_f32(self, name: str, row0: int = 0, row1: int | None = None, scratch: dict | None = None) -> np.ndarray:
+        """Rows of a floating-point tensor as float32 (a fresh array the caller may modify, or one
+        of scratch's buffers)."""
+        return to_f32(self.raw(name, row0, row1, scratch), self.tensors[name].dtype)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -188,7 +203,7 @@ class PickleReader:
             return t.contiguous().view(torch.int16).numpy().view("<u2").copy()
         return t.contiguous().numpy().copy()
 
-    def rows_f32(self, name: str, row0: int = 0, row1: int | None = None) -> np.ndarray:
+    def rows_f32(self, name: str, row0: int = 0, row1: int | None = None, scratch: dict | None = None) -> np.ndarray:
         return to_f32(self.raw(name, row0, row1), self.tensors[name].dtype)
 
     def close(self) -> None:

@@ -215,7 +215,7 @@ def _write_all(job: Job, work: Path, src: Source, family, hp, vocab, r) -> list[
             t0 = time.monotonic()
             with r.task(f"convert {q}", len(src.infos), "tensor") as task:
                 stats = write_gguf(path, src, family, hp, vocab, q, job.name, job.threads,
-                                   progress=lambda _t: task.advance())
+                                   progress=lambda _t: task.advance(), durable=q != intermediate)
             written[q] = path
             r.event("written", file=path.name, quant=q, seconds=round(time.monotonic() - t0, 3),
                     fallbacks=len(stats["fallbacks"]))
