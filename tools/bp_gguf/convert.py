@@ -29,6 +29,11 @@ from .families import (SKIPPED_SUFFIXES, Family, Hparams, model_arch, permute_ro
 from .vocab import Vocab
 
 NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# 4- and 5-bit files keep the output projection (output.weight, or the tied token embedding that
+# serves as it) at 8 bits, as llama.cpp's quantizer does for these types (it uses q6_K, which falls
+# back to q8_0 when rows are not a multiple of 256; gguf-py has no q6_K encoder, so always q8_0 here:
+# the same bytes as llama.cpp's below 256-multiples, a little larger and no worse above).
+OUTPUT_Q8_0 = ("q4_0", "q4_1", "q5_0", "q5_1")
 BLOCK_BYTES = 64 << 20          # float32 bytes of rows handled at once
 PARALLEL_MIN = 1 << 20          # elements below which threads cost more than they give
 
@@ -159,6 +164,10 @@ def plan_tensors(src: Source, family: Family, hp: Hparams, quant: str, extra: li
     names = [p.name for p in plan]
     if "token_embd.weight" not in names:
         raise BpError("EXPORT_WEIGHTS_INVALID", f"{src.dir}: no token embedding among the tensors")
+    if quant in OUTPUT_Q8_0:
+        out = plan[names.index("output.weight" if "output.weight" in names else "token_embd.weight")]
+        if out.qtype == ggml_type(quant):
+            out.qtype = gguf.GGMLQuantizationType.Q8_0
     return plan
 
 
