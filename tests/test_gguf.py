@@ -158,16 +158,19 @@ def test_kquants_on_a_hidden_256_model_have_no_fallbacks(trained_256, run_tool, 
     r = run_tool("bp-gguf", str(trained_256), "-q", "q4_0,q4_k_m,q5_k_m,q6_k,q8_0", "-o", str(tmp_path / "g"))
     assert r.rc == 0, r.stderr
     files = _files(r.json)
-    # Measured (helpers.trained's 300 steps on chats and prose): q4_0 92.4 %, q4_k_m 90.9 %, q5_k_m
-    # 96.4 %, q6_k 98.4 %, q8_0 99.2 %; other training lengths moved q4_* between 87 and 93 %. The
-    # floors catch a broken quantiser, not the last percent: KL divergence below ranks the types.
-    for q, floor in (("q4_0", 0.85), ("q4_k_m", 0.85), ("q5_k_m", 0.9), ("q6_k", 0.95), ("q8_0", 0.97)):
+    # The bar: 4- to 6-bit types agree on the top token at >= 90 % of positions. Measured
+    # (helpers.trained's 300 steps on chats and prose; deterministic on a CPU): q4_0 92.1 % (233 of
+    # 253), q4_k_m 90.9 % (230; 228 is the floor), q5_k_m 96.4 %, q6_k 98.4 %, q8_0 99.2 %. Other
+    # training lengths moved q4_* between 87 and 93 %: a change to helpers.trained or prose.txt must
+    # re-measure this. KL divergence below ranks the types smoothly.
+    for q, floor in (("q4_0", 0.9), ("q4_k_m", 0.9), ("q5_k_m", 0.9), ("q6_k", 0.95), ("q8_0", 0.97)):
         f = files[q]
         assert f["fallbacks"] == 0, f
         assert f["verify"]["ok"] and f["verify"]["top1"] >= floor, (q, f["verify"])
     assert files["q8_0"]["verify"]["greedy_match"], files["q8_0"]["verify"]
     # By KL divergence (smooth, unlike top-1 at near-ties) more bits are strictly better. Measured:
-    # q4_0 0.012, q4_k_m 0.007, q5_k_m 0.003, q6_k 9e-4, q8_0 1.4e-4.
+    # q4_0 0.009 (0.012 with the output projection at 4 bits too), q4_k_m 0.007, q5_k_m 0.003, q6_k
+    # 9e-4, q8_0 1.4e-4.
     kld = {q: files[q]["verify"]["kld_mean"] for q in files}
     assert kld["q4_k_m"] > kld["q5_k_m"] > kld["q6_k"] > kld["q8_0"] and kld["q4_0"] > kld["q5_k_m"], kld
     assert kld["q8_0"] < 1e-3 and kld["q6_k"] < 5e-3 and kld["q5_k_m"] < 0.02, kld

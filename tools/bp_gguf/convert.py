@@ -293,8 +293,10 @@ class _Sink:
 
     def _write_stage(self, item) -> None:
         buf, offset, n, _ = item
-        if self.direct:
-            n = -(-n // ALIGN) * ALIGN  # the padding past the end is cut off by close()
+        if self.direct and n % ALIGN:  # the last stage: whole blocks, the padding cut off by close()
+            pad = -n % ALIGN
+            buf[n:n + pad] = 0  # not whatever the buffer held before (the hash thread reads [:n] only)
+            n += pad
         done = 0
         mv = memoryview(buf)
         while done < n:
