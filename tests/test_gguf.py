@@ -451,6 +451,34 @@ def test_a_failed_write_in_the_writer_thread_is_raised(tmp_path, monkeypatch):
             sink.close()
 
 
+def test_several_types_come_from_one_read_of_the_weights(tiny_llama, tmp_path, monkeypatch):
+    """write_ggufs reads each block once for all its types, and each file is the one a run for its
+    type alone writes."""
+    import hashlib as h
+    from bp_common.models import read_config
+    from bp_gguf import convert
+    from bp_gguf.families import Hparams, family_of
+    from bp_gguf.vocab import load_vocab
+    config = read_config(tiny_llama)
+    family, hp = family_of(config, str(tiny_llama)), Hparams(config)
+    src = convert.Source(tiny_llama)
+    vocab = load_vocab(tiny_llama, convert.embedding_rows(src), None)
+    reads = []
+    rows = convert.Source.rows
+    monkeypatch.setattr(convert.Source, "rows", lambda self, *a, **k: reads.append(a[0]) or rows(self, *a, **k))
+    types = ["f32", "f16", "q8_0", "q4_0"]
+    together = convert.write_ggufs([(tmp_path / f"all-{q}.gguf", q, True) for q in types], src, family, hp, vocab, "m")
+    once = list(reads)
+    assert sorted(once) == sorted(set(once))  # these tensors are one block each: one read apiece
+    for q, stats in zip(types, together):
+        reads.clear()
+        alone = convert.write_ggufs([(tmp_path / f"one-{q}.gguf", q, True)], src, family, hp, vocab, "m")[0]
+        assert reads == once
+        assert (tmp_path / f"all-{q}.gguf").read_bytes() == (tmp_path / f"one-{q}.gguf").read_bytes()
+        assert stats["sha256"] == alone["sha256"] == h.sha256((tmp_path / f"one-{q}.gguf").read_bytes()).hexdigest()
+    src.close()
+
+
 @pytest.mark.parametrize("durable", [True, False])
 def test_the_sink_writes_and_hashes_every_byte_across_stages(tmp_path, monkeypatch, durable):
     """Staged writes (O_DIRECT where the file system allows it, whole aligned blocks, the end cut

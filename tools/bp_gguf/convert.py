@@ -1,14 +1,15 @@
-"""Hugging Face safetensors -> one GGUF file, streamed.
+"""Hugging Face safetensors -> GGUF files, streamed.
 
-Every tensor's name, shape and type is known before a byte of data is read, so the file is laid
-out as header, metadata and tensor table first, then each tensor's data in order, read, transformed
-and quantized a block of rows at a time: peak memory is a few blocks, never the model. Two
-background threads write the converted blocks and hash them (the manifest's sha256), while the
-next block is read and converted, so the file is written once and never read back.
+Every tensor's name, shape and type is known before a byte of data is read, so each file is laid
+out as header, metadata and tensor table first, then each tensor's data in order: read, transformed
+and converted a block of rows at a time, each block read once and converted to every type the run
+writes. Peak memory is a few blocks, never the model. Per file, two background threads write the
+converted data (O_DIRECT where the file system allows it) and hash it for the manifest's sha256,
+while the next block is read and converted, so a file is written once and never read back.
 Types written here: f32, f16 (llama.cpp's vectorised cast when llama-cpp-python is installed,
 numpy's otherwise: the same bits), bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (gguf-py's numpy
 quantizers; rows split across threads); k-quants are made from a 16-bit file by llama.cpp's own
-quantizer (quantize.py).
+quantizer (bp_common.llamacpp.quantize).
 """
 from __future__ import annotations
 
@@ -426,55 +427,73 @@ def general_name(name: str, vocab: Vocab) -> str:
     return name
 
 
-def write_gguf(path: Path, src: Source, family: Family, hp: Hparams, vocab: Vocab, quant: str, name: str,
-               threads: int | None = None, progress=None, durable: bool = True) -> dict:
-    """Write one GGUF of type `quant` (one of NUMPY_TYPES) to path; return what was written.
-    durable=False: a scratch file read back at once and deleted (written through the page cache, not
-    fsynced)."""
+def write_ggufs(outputs: list[tuple[Path, str, bool]], src: Source, family: Family, hp: Hparams, vocab: Vocab,
+                name: str, threads: int | None = None, progress=None) -> list[dict]:
+    """Write one GGUF per (path, type, durable) of outputs (types of NUMPY_TYPES) from one pass over
+    the source: each block is read once and converted to every type. Returns what was written, in
+    the order of outputs. progress(tensor) is called once per tensor."""
+    import contextlib
     import gguf
     threads = threads or max(1, len(os.sched_getaffinity(0)))
-    w = gguf.GGUFWriter(str(path), family.arch)
-    try:
-        extra = write_hparams(w, family, hp, general_name(name, vocab))
-        w.add_file_type(file_type(quant))
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        vocab.write(w)
-        plan = plan_tensors(src, family, hp, quant, extra)
-        for t in plan:
-            w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        fout = w.fout[0]
-        fout.flush()
-        sink = _Sink(path, fout.tell(), w.data_alignment, durable)
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="gguf-convert") if threads > 1 else None
-        scratch: dict = {}
-        try:
+    with contextlib.ExitStack() as stack:
+        writers, plans, sinks = [], [], []
+        for path, quant, _durable in outputs:
+            w = gguf.GGUFWriter(str(path), family.arch)
+            stack.callback(w.close)
+            extra = write_hparams(w, family, hp, general_name(name, vocab))
+            w.add_file_type(file_type(quant))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            vocab.write(w)
+            plan = plan_tensors(src, family, hp, quant, extra)
             for t in plan:
-                sink.pad()
-                written = 0
-                for x in _blocks(t, src, hp, scratch):  # sink.write copies each block: both buffers reusable
-                    q, finite = _encode(np.ascontiguousarray(x), t.qtype, pool, threads, scratch)
-                    if not finite:
-                        name = t.hf_name or t.name
-                        raise BpError("EXPORT_WEIGHTS_INVALID", f"tensor {name} holds NaN or Inf values",
-                                      hint="the model is damaged (a diverged run?): export an earlier checkpoint")
-                    sink.write(q)
-                    written += q.nbytes
-                if written != t.nbytes:
-                    raise BpError("EXPORT_FAILED", f"tensor {t.name}: wrote {written} bytes, planned {t.nbytes}")
-                sink.pad()
+                w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+            writers.append(w)
+            plans.append(plan)
+        if any([t.name for t in plan] != [t.name for t in plans[0]] for plan in plans):
+            raise BpError("EXPORT_FAILED", "the tensor plans of the requested types differ")
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="gguf-convert") if threads > 1 else None
+        scratch: dict = {}  # sink.write copies each block: the read and converted buffers are reusable
+        try:
+            for (path, _quant, durable), w in zip(outputs, writers):
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
+                fout = w.fout[0]
+                fout.flush()
+                sinks.append(_Sink(path, fout.tell(), w.data_alignment, durable))
+                sinks[-1].pad()
+            for i, t in enumerate(plans[0]):
+                written = [0] * len(sinks)
+                for x in _blocks(t, src, hp, scratch):
+                    x = np.ascontiguousarray(x)
+                    for j, (plan, sink) in enumerate(zip(plans, sinks)):
+                        q, finite = _encode(x, plan[i].qtype, pool, threads, scratch)
+                        if not finite:
+                            raise BpError("EXPORT_WEIGHTS_INVALID", f"tensor {t.hf_name or t.name} holds NaN or Inf values",
+                                          hint="the model is damaged (a diverged run?): export an earlier checkpoint")
+                        sink.write(q)
+                        written[j] += q.nbytes
+                for plan, sink, n in zip(plans, sinks, written):
+                    if n != plan[i].nbytes:
+                        raise BpError("EXPORT_FAILED", f"tensor {t.name}: wrote {n} bytes, planned {plan[i].nbytes}")
+                    sink.pad()
                 if progress:
                     progress(t)
         except BaseException:
-            sink.close(abort=True)
+            for sink in sinks:
+                sink.close(abort=True)
             raise
         finally:
             if pool is not None:
                 pool.shutdown()
-        sha256 = sink.close()
-    finally:
-        w.close()
-    return {"tensors": len(plan), "params": sum(t.numel for t in plan),
-            "fallbacks": [t.name for t in plan if t.fallback], "sha256": sha256}
+        digests = []
+        try:
+            for k, sink in enumerate(sinks):
+                digests.append(sink.close())
+        except BaseException:
+            for sink in sinks[k + 1:]:
+                sink.close(abort=True)
+            raise
+    return [{"tensors": len(plan), "params": sum(t.numel for t in plan),
+             "fallbacks": [t.name for t in plan if t.fallback], "sha256": sha256}
+            for plan, sha256 in zip(plans, digests)]

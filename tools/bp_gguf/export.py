@@ -18,7 +18,7 @@ from bp_common.io import atomic_dir, check_free_space, sha256_file
 from bp_common.modelcard import render_model_card
 from bp_common.models import config_digest, read_config, ref_near, resolve_model
 
-from .convert import NUMPY_TYPES, Source, embedding_rows, write_gguf
+from .convert import NUMPY_TYPES, Source, embedding_rows, write_ggufs
 from .families import Hparams, family_of
 from .vocab import load_vocab
 
@@ -210,12 +210,13 @@ def _write_all(job: Job, work: Path, src: Source, family, hp, vocab, r) -> list[
     if kq and not any(q in ("f16", "bf16") for q in numpy_q):
         intermediate = "bf16" if _stored_bf16(src) else "f16"
     try:
-        for q in numpy_q + ([intermediate] if intermediate else []):
-            path = work / f"{job.name}-{q}.gguf"
-            t0 = time.monotonic()
-            with r.task(f"convert {q}", len(src.infos), "tensor") as task:
-                stats = write_gguf(path, src, family, hp, vocab, q, job.name, job.threads,
-                                   progress=lambda _t: task.advance(), durable=q != intermediate)
+        direct = numpy_q + ([intermediate] if intermediate else [])
+        outputs = [(work / f"{job.name}-{q}.gguf", q, q != intermediate) for q in direct]
+        t0 = time.monotonic()
+        with r.task(f"convert {', '.join(direct)}", len(src.infos), "tensor") as task:
+            all_stats = write_ggufs(outputs, src, family, hp, vocab, job.name, job.threads,
+                                    progress=lambda _t: task.advance())
+        for (path, q, _durable), stats in zip(outputs, all_stats):
             written[q] = path
             r.event("written", file=path.name, quant=q, seconds=round(time.monotonic() - t0, 3),
                     fallbacks=len(stats["fallbacks"]))
