@@ -505,6 +505,42 @@ def test_the_sink_writes_and_hashes_every_byte_across_stages(tmp_path, monkeypat
     assert sink.made <= convert.STAGES
 
 
+def test_the_sink_closes_its_file_and_stops_its_threads_whatever_fails(tmp_path, monkeypatch):
+    """A failure while starting, or while closing (an interrupt, say), leaves no open file and no
+    thread still writing to a descriptor number that may be reused."""
+    from bp_gguf import convert
+
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    path = tmp_path / "x.gguf"
+    path.write_bytes(b"GGUF")
+    before = fds()
+    with monkeypatch.context() as m:
+        m.setattr(convert, "_aligned", lambda n: (_ for _ in ()).throw(MemoryError()))
+        with pytest.raises(MemoryError):
+            convert._Sink(path, 4, 32)
+    assert fds() == before
+    sink = convert._Sink(path, 4, 32)
+    sink.write(np.ones(1 << 16, np.uint8))
+
+    def interrupted(take=True):
+        raise KeyboardInterrupt
+
+    sink._submit = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        sink.close()
+    assert not any(t.is_alive() for t in sink.threads)
+    assert fds() == before
+
+
+def test_the_disk_estimate_counts_the_8_bit_output_projection():
+    from bp_gguf.export import estimate_bytes
+    params, head = 10_000_000, 2_000_000
+    assert estimate_bytes(params, ["q4_0"], head) - estimate_bytes(params, ["q4_0"]) == head * 4 // 8
+    assert estimate_bytes(params, ["q8_0", "f16"], head) == estimate_bytes(params, ["q8_0", "f16"])
+
+
 def test_the_sink_falls_back_to_the_page_cache_when_direct_writes_are_refused(tmp_path, monkeypatch):
     """Some file systems open with O_DIRECT and then refuse the writes (EINVAL): the sink reopens
     the file without it and carries on."""

@@ -130,7 +130,8 @@ class SafetensorsReader:
         self._fd: int | None = None
 
     def raw(self, name: str, row0: int = 0, row1: int | None = None, scratch: dict | None = None) -> np.ndarray:
-        """A fresh array of rows [row0, row1) of a tensor, in its stored dtype (bf16 as uint16).
+        """Rows [row0, row1) of a tensor in its stored dtype (bf16 as uint16): a fresh array, or one
+        on scratch's buffer (below).
         scratch: read into scratch_array(scratch, "read", ...) instead, for a caller that is done
         with one block before it asks for the next (touching fresh memory costs more than the read)."""
         info = self.tensors[name]

@@ -240,16 +240,23 @@ class _Sink:
 
     def __init__(self, path: Path, start: int, alignment: int, durable: bool = True):
         import hashlib
-        import queue
-        import threading
         self.durable, self.alignment = durable, alignment
         with open(path, "rb") as fh:
             header = fh.read(start)
         self.hash = hashlib.sha256(header)
         self.fd = -1
         self.direct = False
-        self._open(path, durable)
         self.path = path
+        self._open(path, durable)
+        try:
+            self._start(header, start)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _start(self, header: bytes, start: int) -> None:
+        import queue
+        import threading
         self.pos = start                    # bytes in the file so far, staged ones included
         self.offset = start - start % ALIGN  # file offset of the current stage's first byte
         self.free: queue.Queue = queue.Queue()
@@ -264,8 +271,13 @@ class _Sink:
         self.queues = [queue.Queue(), queue.Queue()]
         self.threads = [threading.Thread(target=self._run, args=(q, f), name=f"gguf-{n}", daemon=True)
                         for q, f, n in zip(self.queues, (self._write_stage, self._hash_stage), ("write", "hash"))]
-        for t in self.threads:
-            t.start()
+        try:
+            for t in self.threads:
+                t.start()
+        except BaseException:
+            for q in self.queues:
+                q.put(None)  # a thread that did start stops
+            raise
 
     def _open(self, path: Path, direct: bool) -> None:
         flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
@@ -336,7 +348,7 @@ class _Sink:
                         del self.users[key]
                         self.free.put(item[0])
 
-    def _submit(self) -> None:
+    def _submit(self, take: bool = True) -> None:
         item = (self.cur, self.offset, self.fill, self.hashed)
         with self.lock:
             self.users[id(self.cur)] = len(self.queues)
@@ -344,7 +356,8 @@ class _Sink:
             q.put(item)
         self.offset += self.fill
         self.fill = self.hashed = 0
-        self.cur = self._take()
+        if take:
+            self.cur = self._take()
 
     def write(self, data) -> None:
         if self.error is not None:
@@ -370,19 +383,25 @@ class _Sink:
         if n:
             self.write(bytes(n))
 
+    def _stop(self) -> None:
+        for q in self.queues:
+            q.put(None)  # a second one (after an interrupted close) is never read: harmless
+        for t in self.threads:
+            t.join()
+
     def close(self, abort: bool = False) -> str:
         """Write what is staged, wait for both threads, cut the file to its length, fsync it when
         durable; the file's sha256 (hex). Raises what either thread raised. abort: the file is
-        being given up; stop without writing the rest."""
+        being given up; stop without writing the rest. The file is closed only once both threads
+        have stopped, whatever happens here (an interrupt included)."""
+        stopped = False
         try:
             if abort and self.error is None:
                 self.error = BpError("EXPORT_FAILED", "aborted")
             if self.fill and self.error is None:
-                self._submit()
-            for q in self.queues:
-                q.put(None)
-            for t in self.threads:
-                t.join()
+                self._submit(take=False)
+            self._stop()
+            stopped = True
             if abort:
                 return ""
             if self.error is not None:
@@ -391,6 +410,10 @@ class _Sink:
             if self.durable:
                 os.fsync(self.fd)
         finally:
+            if not stopped:
+                if self.error is None:
+                    self.error = BpError("EXPORT_FAILED", "interrupted")  # the threads skip what is queued
+                self._stop()
             os.close(self.fd)
         return self.hash.hexdigest()
 
@@ -427,6 +450,15 @@ def general_name(name: str, vocab: Vocab) -> str:
     return name
 
 
+def _abort(sinks: list[_Sink]) -> None:
+    """Give up every sink, each whatever the others do (the caller re-raises its own error)."""
+    for sink in sinks:
+        try:
+            sink.close(abort=True)
+        except BaseException:  # noqa: BLE001 - the error being handled is the one to report
+            pass
+
+
 def write_ggufs(outputs: list[tuple[Path, str, bool]], src: Source, family: Family, hp: Hparams, vocab: Vocab,
                 name: str, threads: int | None = None, progress=None) -> list[dict]:
     """Write one GGUF per (path, type, durable) of outputs (types of NUMPY_TYPES) from one pass over
@@ -434,6 +466,8 @@ def write_ggufs(outputs: list[tuple[Path, str, bool]], src: Source, family: Fami
     the order of outputs. progress(tensor) is called once per tensor."""
     import contextlib
     import gguf
+    if not outputs:
+        raise ValueError("write_ggufs: no outputs")
     threads = threads or max(1, len(os.sched_getaffinity(0)))
     with contextlib.ExitStack() as stack:
         writers, plans, sinks = [], [], []
@@ -480,19 +514,17 @@ def write_ggufs(outputs: list[tuple[Path, str, bool]], src: Source, family: Fami
                 if progress:
                     progress(t)
         except BaseException:
-            for sink in sinks:
-                sink.close(abort=True)
+            _abort(sinks)
             raise
         finally:
             if pool is not None:
                 pool.shutdown()
-        digests = []
+        digests: list[str] = []
         try:
-            for k, sink in enumerate(sinks):
+            for sink in sinks:
                 digests.append(sink.close())
         except BaseException:
-            for sink in sinks[k + 1:]:
-                sink.close(abort=True)
+            _abort(sinks[len(digests) + 1:])  # the one that raised has closed itself
             raise
     return [{"tensors": len(plan), "params": sum(t.numel for t in plan),
              "fallbacks": [t.name for t in plan if t.fallback], "sha256": sha256}

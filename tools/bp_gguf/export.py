@@ -18,7 +18,7 @@ from bp_common.io import atomic_dir, check_free_space, sha256_file
 from bp_common.modelcard import render_model_card
 from bp_common.models import config_digest, read_config, ref_near, resolve_model
 
-from .convert import NUMPY_TYPES, Source, embedding_rows, write_ggufs
+from .convert import NUMPY_TYPES, OUTPUT_Q8_0, Source, embedding_rows, write_ggufs
 from .families import Hparams, family_of
 from .vocab import load_vocab
 
@@ -150,8 +150,11 @@ def fingerprint(job: Job, src: Source) -> str:
                           job.verify, job.pre_tokenizer, job.name)
 
 
-def estimate_bytes(params: int, quants: list[str]) -> int:
+def estimate_bytes(params: int, quants: list[str], output_params: int = 0) -> int:
+    """Bytes the requested files (and a k-quant intermediate) take; output_params: the weights of
+    the output projection, which 4- and 5-bit files keep at 8 bits (convert.OUTPUT_Q8_0)."""
     total = sum(int(params * BITS[q] / 8) for q in quants)
+    total += sum(int(output_params * max(0.0, BITS["q8_0"] - BITS[q]) / 8) for q in quants if q in OUTPUT_Q8_0)
     if any(q in KQUANTS for q in quants) and not any(q in ("f16", "bf16") for q in quants):
         total += params * 2  # the 16-bit intermediate
     return total + (16 << 20)
@@ -179,7 +182,8 @@ def run_export(job: Job, out: Path, force: bool, r) -> tuple[mf.Manifest, int]:
             raise BpError("STATE_OUTPUT_EXISTS", f"{out} holds a different result",
                           hint="pass --force to replace it, or choose another --output")
         params = sum(int(i.numel) for i in src.infos.values())
-        check_free_space(out.parent, estimate_bytes(params, job.quants), "the GGUF files")
+        head = src.infos.get("lm_head.weight") or next(i for n, i in src.infos.items() if n.endswith("embed_tokens.weight"))
+        check_free_space(out.parent, estimate_bytes(params, job.quants, int(head.numel)), "the GGUF files")
         r.event("export", model=str(job.model_dir), arch=family.arch, family=family.name, types=job.quants,
                 tokenizer=vocab.model, pre=vocab.pre, verify=job.verify)
         with atomic_dir(out, replace=force) as work:
