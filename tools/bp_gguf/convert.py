@@ -113,11 +113,16 @@ class Source:
         self._readers.clear()
 
 
-def embedding_rows(src: Source) -> int:
+def embedding(src: Source):
+    """The token embedding's tensor info (the output projection has its shape, tied or not)."""
     for name, info in src.infos.items():
         if name.endswith("embed_tokens.weight"):
-            return int(info.shape[0])
+            return info
     raise BpError("EXPORT_WEIGHTS_INVALID", f"{src.dir}: no embed_tokens tensor")
+
+
+def embedding_rows(src: Source) -> int:
+    return int(embedding(src).shape[0])
 
 
 def choose_type(quant: str, shape: tuple[int, ...]):
@@ -173,8 +178,9 @@ def plan_tensors(src: Source, family: Family, hp: Hparams, quant: str, extra: li
 
 
 def _encode(x: np.ndarray, qtype, pool: ThreadPoolExecutor | None = None, threads: int = 1,
-            scratch: dict | None = None) -> tuple[np.ndarray, bool]:
-    """(the bytes of float32 rows x in GGML type qtype, whether x is all finite). Rows are split
+            scratch: dict | None = None, check: bool = True) -> tuple[np.ndarray, bool]:
+    """(the bytes of float32 rows x in GGML type qtype, whether x is all finite; True unchecked
+    when check is False: the caller checked this x already). Rows are split
     across threads (numpy's casts, checks and gguf's quantizers release the GIL); the parts are
     written into one output array, never concatenated. scratch: the output is a view of
     scratch_array(scratch, "encode", ...), for a caller that is done with it before the next call."""
@@ -202,7 +208,7 @@ def _encode(x: np.ndarray, qtype, pool: ThreadPoolExecutor | None = None, thread
             fp16(chunk, out[a:z])
         elif out is not x:
             out[a:z] = quantize(chunk, qtype) if out.dtype == np.uint8 else chunk  # numpy's cast into out
-        return bool(np.isfinite(chunk).all())
+        return not check or bool(np.isfinite(chunk).all())
 
     if len(bounds) == 1:
         return out, part(bounds[0])
@@ -501,7 +507,7 @@ def write_ggufs(outputs: list[tuple[Path, str, bool]], src: Source, family: Fami
                 for x in _blocks(t, src, hp, scratch):
                     x = np.ascontiguousarray(x)
                     for j, (plan, sink) in enumerate(zip(plans, sinks)):
-                        q, finite = _encode(x, plan[i].qtype, pool, threads, scratch)
+                        q, finite = _encode(x, plan[i].qtype, pool, threads, scratch, check=j == 0)
                         if not finite:
                             raise BpError("EXPORT_WEIGHTS_INVALID", f"tensor {t.hf_name or t.name} holds NaN or Inf values",
                                           hint="the model is damaged (a diverged run?): export an earlier checkpoint")

@@ -18,7 +18,7 @@ from bp_common.io import atomic_dir, check_free_space, sha256_file
 from bp_common.modelcard import render_model_card
 from bp_common.models import config_digest, read_config, ref_near, resolve_model
 
-from .convert import NUMPY_TYPES, OUTPUT_Q8_0, Source, embedding_rows, write_ggufs
+from .convert import NUMPY_TYPES, OUTPUT_Q8_0, Source, embedding, embedding_rows, write_ggufs
 from .families import Hparams, family_of
 from .vocab import load_vocab
 
@@ -182,8 +182,7 @@ def run_export(job: Job, out: Path, force: bool, r) -> tuple[mf.Manifest, int]:
             raise BpError("STATE_OUTPUT_EXISTS", f"{out} holds a different result",
                           hint="pass --force to replace it, or choose another --output")
         params = sum(int(i.numel) for i in src.infos.values())
-        head = src.infos.get("lm_head.weight") or next(i for n, i in src.infos.items() if n.endswith("embed_tokens.weight"))
-        check_free_space(out.parent, estimate_bytes(params, job.quants, int(head.numel)), "the GGUF files")
+        check_free_space(out.parent, estimate_bytes(params, job.quants, int(embedding(src).numel)), "the GGUF files")
         r.event("export", model=str(job.model_dir), arch=family.arch, family=family.name, types=job.quants,
                 tokenizer=vocab.model, pre=vocab.pre, verify=job.verify)
         with atomic_dir(out, replace=force) as work:
@@ -214,10 +213,10 @@ def _write_all(job: Job, work: Path, src: Source, family, hp, vocab, r) -> list[
     if kq and not any(q in ("f16", "bf16") for q in numpy_q):
         intermediate = "bf16" if _stored_bf16(src) else "f16"
     try:
-        direct = numpy_q + ([intermediate] if intermediate else [])
-        outputs = [(work / f"{job.name}-{q}.gguf", q, q != intermediate) for q in direct]
+        python_q = numpy_q + ([intermediate] if intermediate else [])
+        outputs = [(work / f"{job.name}-{q}.gguf", q, q != intermediate) for q in python_q]
         t0 = time.monotonic()
-        with r.task(f"convert {', '.join(direct)}", len(src.infos), "tensor") as task:
+        with r.task(f"convert {', '.join(python_q)}", len(src.infos), "tensor") as task:
             all_stats = write_ggufs(outputs, src, family, hp, vocab, job.name, job.threads,
                                     progress=lambda _t: task.advance())
         for (path, q, _durable), stats in zip(outputs, all_stats):
